@@ -1,0 +1,216 @@
+"""
+Load, merge and validate a run configuration.
+
+One configuration drives both orchestrators: Snakemake reads ``params.yaml`` plus any ``--configfile`` overlay,
+DVC reads ``params.yaml``, and every step script gets the same list of files through ``--config``. Files are
+merged the way Snakemake merges them (nested mappings merge, lists and scalars replace), so a step sees exactly
+the configuration its orchestrator planned with.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+CONDITION_BASE = "base"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key, the value and the fix."""
+
+
+def merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``overlay`` into ``base`` like Snakemake's ``update_config``: mappings merge, all else replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _fill_defaults(schema: Mapping[str, Any], value: Any) -> Any:
+    """Fill schema defaults into ``value`` (objects only; a default object supplies its missing keys)."""
+    if not isinstance(value, dict):
+        return value
+    if isinstance(schema.get("default"), dict):
+        for key, default in schema["default"].items():
+            value.setdefault(key, copy.deepcopy(default))
+    props = schema.get("properties", {})
+    for key, sub in props.items():
+        if key not in value and "default" in sub:
+            value[key] = copy.deepcopy(sub["default"])
+        if key in value:
+            _fill_defaults(sub, value[key])
+    extra = schema.get("additionalProperties")
+    patterns = schema.get("patternProperties", {})
+    for key in value:
+        if key in props:
+            continue
+        if isinstance(extra, dict):
+            _fill_defaults(extra, value[key])
+        for sub in patterns.values():
+            _fill_defaults(sub, value[key])
+    return value
+
+
+def load_schema() -> dict[str, Any]:
+    """Return the configuration's JSON schema."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: config file not found") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration with the lookups every step needs."""
+
+    data: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    @property
+    def run(self) -> str:
+        """Name of the run; part of every output path."""
+        return self.data["run"]
+
+    @property
+    def models(self) -> list[str]:
+        """Names of the models this run evaluates."""
+        return list(self.data["experiment"]["models"])
+
+    @property
+    def datasets(self) -> list[str]:
+        """Tasks this run evaluates."""
+        return list(self.data["experiment"]["datasets"])
+
+    @property
+    def recipes(self) -> list[str]:
+        """Fine-tuning recipes this run trains."""
+        return list(self.data["experiment"]["recipes"])
+
+    @property
+    def conditions(self) -> list[str]:
+        """``base`` followed by every recipe."""
+        return [CONDITION_BASE, *self.recipes]
+
+    def model(self, name: str) -> dict[str, Any]:
+        """Definition of model ``name``."""
+        return self.data["models"][name]
+
+    def prompt(self, dataset: str) -> dict[str, Any]:
+        """Prompt variant of ``dataset``."""
+        return self.data["prompts"][dataset]
+
+    def finetune(self, recipe: str) -> dict[str, Any]:
+        """Hyperparameters of ``recipe``: the shared ``finetune`` section overridden by the recipe's own keys."""
+        return {**self.data["finetune"], **self.data["recipes"][recipe]}
+
+    def section_hash(self, *keys: str) -> str:
+        """Short stable hash of the named sections (dotted keys), for rerun triggers and provenance."""
+        return digest({k: lookup(self.data, k) for k in keys})
+
+
+def lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    """``lookup(d, "a.b")`` is ``d["a"]["b"]``; keys that contain dots (``models.llama-3.1-8b``) are matched whole."""
+    node: Any = data
+    rest = dotted
+    while rest:
+        key = next((k for k in sorted(node, key=len, reverse=True) if rest == k or rest.startswith(k + ".")), None)
+        if key is None:
+            raise KeyError(f"{dotted}: no key {rest!r}")
+        node, rest = node[key], rest[len(key) + 1 :]
+    return node
+
+
+def digest(obj: Any, length: int = 16) -> str:
+    """Stable hex digest of a JSON-serialisable object (key order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
+    exp = cfg["experiment"]
+    for name in exp["models"]:
+        model = cfg["models"].get(name)
+        if model is None:
+            raise ConfigError(
+                f"{origin}: experiment.models names '{name}', which is not defined under models "
+                f"(defined: {sorted(cfg['models'])}); add models.{name} or remove it from the list"
+            )
+        if ("hf_id" in model) == ("build" in model):
+            raise ConfigError(
+                f"{origin}: models.{name} needs exactly one of 'hf_id' (load a model) or 'build' (build a tiny one)"
+            )
+    for name in exp["recipes"]:
+        if name == CONDITION_BASE:
+            raise ConfigError(
+                f"{origin}: experiment.recipes: '{CONDITION_BASE}' is the untuned condition, not a recipe"
+            )
+        if name not in cfg["recipes"]:
+            raise ConfigError(
+                f"{origin}: experiment.recipes names '{name}', which is not defined under recipes "
+                f"(defined: {sorted(cfg['recipes'])}); add recipes.{name} or remove it from the list"
+            )
+    for dataset in exp["datasets"]:
+        if dataset not in cfg["prompts"]:
+            raise ConfigError(f"{origin}: experiment.datasets has '{dataset}' but prompts.{dataset} is missing")
+    if exp["eval_split"] not in cfg["extract"]["splits"]:
+        raise ConfigError(
+            f"{origin}: experiment.eval_split '{exp['eval_split']}' is not among extract.splits "
+            f"{cfg['extract']['splits']}; add it there"
+        )
+    for key in ("models", "datasets", "recipes"):
+        dupes = {x for x in exp[key] if exp[key].count(x) > 1}
+        if dupes:
+            raise ConfigError(f"{origin}: experiment.{key} lists {sorted(dupes)} more than once")
+
+
+def validate(raw: Mapping[str, Any], origin: str = "config") -> Config:
+    """Fill defaults, validate against the schema and run cross-field checks."""
+    schema = load_schema()
+    cfg = _fill_defaults(schema, copy.deepcopy(dict(raw)))
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors[:10]:
+            where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+            lines.append(f"  {where}: {err.message}")
+        raise ConfigError(f"{origin}: invalid configuration\n" + "\n".join(lines))
+    _check_cross_fields(cfg, origin)
+    return Config(cfg)
+
+
+def load_config(paths: str | Path | Iterable[str | Path]) -> Config:
+    """Read, merge (in order) and validate configuration files."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ConfigError("no config file given")
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = merge(merged, _read_yaml(path))
+    return validate(merged, origin=" + ".join(str(p) for p in paths))

@@ -1,0 +1,288 @@
+"""
+Next-token probability extraction: one forward pass per prompt, every answer variant summed.
+
+For each prompt and choice j (design.md §3):
+
+* ``logp_choice[j] = logsumexp_{v in variants(j)} log_softmax(logits)[v]`` over the full vocabulary;
+* ``coverage = sum_j exp(logp_choice[j])``, the mass on valid answers (reported, never hidden);
+* ``p = softmax(logp_choice)``, the distribution every metric uses.
+
+Answers without a single-token variant are scored as full continuations (sum of the answer tokens' log-probs),
+tokenized jointly with the prompt so no merge at the boundary is lost.
+
+Engine conventions: prompts are sorted by length and batched under a token budget; rows are LEFT padded, so the
+answer position is the last one for every row, and position ids are computed from the attention mask so a
+padded row sees exactly the positions it would see alone (results do not depend on batch size or padding).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from moralign.io import read_provenance, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    """Token ids of every surface variant of every answer ("Yes", " Yes", "yes", ...)."""
+
+    answers: tuple[str, ...]
+    variants: tuple[tuple[int, ...], ...]
+    variant_strings: tuple[tuple[str, ...], ...]
+
+    @property
+    def single_token(self) -> bool:
+        """Whether every answer has at least one single-token variant."""
+        return all(self.variants)
+
+    def canonical(self, choice: int, chat: bool) -> int:
+        """The variant a training target uses: the bare answer after a chat template, " answer" in raw text."""
+        want = self.answers[choice] if chat else " " + self.answers[choice]
+        for token, text in zip(self.variants[choice], self.variant_strings[choice], strict=True):
+            if text == want:
+                return token
+        return self.variants[choice][0]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary for provenance."""
+        return {
+            "answers": list(self.answers),
+            "mode": "token" if self.single_token else "sequence",
+            "variant_ids": [list(v) for v in self.variants],
+            "variant_strings": [list(v) for v in self.variant_strings],
+        }
+
+
+def _matches(decoded: str, answer: str) -> bool:
+    # Whitespace around the answer is a variant ("Yes" vs " Yes" vs "\nYes"); so is case, except for
+    # one-letter answers, where "a" is mostly the English article rather than option A.
+    text = decoded.strip()
+    return text == answer or (len(answer) > 1 and text.lower() == answer.lower())
+
+
+def answer_variants(tokenizer: Any, answers: Sequence[str]) -> AnswerTokens:
+    """Find each answer's single-token variants by decoding the whole vocabulary once."""
+    specials = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in specials]
+    decoded = tokenizer.batch_decode([[i] for i in ids])
+    variants, strings = [], []
+    for answer in answers:
+        found = [(i, s) for i, s in zip(ids, decoded, strict=True) if _matches(s, answer)]
+        variants.append(tuple(i for i, _ in found))
+        strings.append(tuple(s for _, s in found))
+    for j, a in enumerate(answers):
+        for k in range(j + 1, len(answers)):
+            shared = set(variants[j]) & set(variants[k])
+            if shared:
+                raise ValueError(f"answers {a!r} and {answers[k]!r} share token variants {sorted(shared)}")
+    return AnswerTokens(tuple(answers), tuple(variants), tuple(strings))
+
+
+def continuation(tokenizer: Any, prompt: str, answer: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
+    """Context and continuation ids of ``prompt + answer`` tokenized jointly (merges at the boundary kept)."""
+    whole = tokenizer(prompt + answer, add_special_tokens=add_special_tokens)["input_ids"]
+    ctx = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    n = 0
+    while n < min(len(ctx), len(whole)) and ctx[n] == whole[n]:
+        n += 1
+    if n == len(whole):  # the answer vanished into the prompt's last token: score that token as the answer
+        n -= 1
+    return whole[:n], whole[n:]
+
+
+def make_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int) -> list[list[int]]:
+    """Indices grouped longest-first so that ``batch size x longest row`` stays within ``token_budget``."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * longest > token_budget or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Scorer:
+    """Batched log-probabilities of answer tokens after prompts, for one model."""
+
+    def __init__(self, model: Any, pad_id: int, token_budget: int = 16384, max_batch_size: int = 64) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.token_budget = token_budget
+        self.max_batch_size = max_batch_size
+        self.device = next(model.parameters()).device
+
+    def _forward(self, rows: list[list[int]], keep: int) -> torch.Tensor:
+        """Log-softmax over the vocabulary at the last ``keep`` positions of each (left-padded) row."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, width - len(r) :] = torch.tensor(r)
+            mask[k, width - len(r) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False
+        )
+        return torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)
+
+    def _run(self, rows: list[list[int]], keep_of: Callable[[list[int]], int], reduce: Callable, desc: str):
+        results: list[Any] = [None] * len(rows)
+        budget = self.token_budget
+        batches = make_batches([len(r) for r in rows], budget, self.max_batch_size)
+        queue = list(reversed(batches))
+        with tqdm(total=len(rows), desc=desc, unit="prompt", leave=False, mininterval=2) as bar:
+            while queue:
+                batch = queue.pop()
+                try:
+                    with torch.inference_mode():
+                        keep = max(keep_of(i) for i in batch)
+                        logprobs = self._forward([rows[i] for i in batch], keep)
+                except torch.OutOfMemoryError:
+                    if len(batch) == 1:
+                        raise
+                    budget //= 2
+                    log.warning("CUDA out of memory with %d rows; token budget halved to %d", len(batch), budget)
+                    torch.cuda.empty_cache()
+                    sub = make_batches([len(rows[i]) for i in batch], budget, self.max_batch_size)
+                    queue += [[batch[j] for j in s] for s in reversed(sub)]
+                    continue
+                for k, i in enumerate(batch):
+                    results[i] = reduce(i, logprobs[k])
+                bar.update(len(batch))
+        return results
+
+    def score_tokens(self, prompts: list[list[int]], answers: AnswerTokens) -> np.ndarray:
+        """``logp_choice`` (items x choices) with single-token answers: one forward pass per prompt."""
+        width = max(len(v) for v in answers.variants)
+        index = torch.zeros((len(answers.variants), width), dtype=torch.long, device=self.device)
+        valid = torch.zeros_like(index, dtype=torch.bool)
+        for j, v in enumerate(answers.variants):
+            index[j, : len(v)] = torch.tensor(v)
+            valid[j, : len(v)] = True
+
+        def reduce(_: int, lp: torch.Tensor) -> np.ndarray:
+            picked = lp[-1][index].masked_fill(~valid, -torch.inf)
+            return torch.logsumexp(picked, dim=-1).cpu().numpy()
+
+        return np.stack(self._run(prompts, lambda _: 1, reduce, "extract"))
+
+    def score_sequences(self, pairs: list[tuple[list[int], list[int]]]) -> np.ndarray:
+        """Sum of continuation log-probs for (context, continuation) pairs; one value per pair."""
+        rows = [ctx + cont for ctx, cont in pairs]
+
+        def reduce(i: int, lp: torch.Tensor) -> float:
+            cont = pairs[i][1]
+            # the last len(cont) tokens are predicted by the positions just before each of them
+            preds = lp[lp.shape[0] - len(cont) - 1 : lp.shape[0] - 1]
+            return float(preds.gather(-1, torch.tensor(cont, device=preds.device)[:, None]).sum())
+
+        return np.array(self._run(rows, lambda i: len(pairs[i][1]) + 1, reduce, "extract (sequences)"))
+
+
+def normalise(logp_choice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage and the renormalised distribution over choices, computed in log space."""
+    top = logp_choice.max(axis=1, keepdims=True)
+    log_mass = top[:, 0] + np.log(np.exp(logp_choice - top).sum(axis=1))
+    return np.exp(log_mass), np.exp(logp_choice - log_mass[:, None])
+
+
+@dataclass
+class PromptSet:
+    """Prompts of one split, ready for the engine."""
+
+    ids: list[str]
+    texts: list[str]
+    token_ids: list[list[int]]
+
+
+def encode_prompts(tokenizer: Any, texts: list[str], chat: bool, max_length: int | None = None) -> list[list[int]]:
+    """
+    Token ids of rendered prompts. Chat templates already hold BOS; raw text gets the tokenizer's specials.
+
+    Prompts longer than ``max_length`` are cut from the left, so the question and answer position survive.
+    """
+    encoded = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+    if max_length:
+        encoded = [ids[-max_length:] for ids in encoded]
+    return encoded
+
+
+def score_prompts(scorer: Scorer, tokenizer: Any, prompts: PromptSet, answers: AnswerTokens, chat: bool) -> np.ndarray:
+    """``logp_choice`` for a set of prompts, by the token route or the continuation route."""
+    if answers.single_token:
+        return scorer.score_tokens(prompts.token_ids, answers)
+    sep = "" if chat else " "
+    pairs = [
+        continuation(tokenizer, t, sep + a, add_special_tokens=not chat) for t in prompts.texts for a in answers.answers
+    ]
+    return scorer.score_sequences(pairs).reshape(len(prompts.texts), len(answers.answers))
+
+
+def predictions_frame(
+    ids: list[str], logp_choice: np.ndarray, n_tokens: list[int], p: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Per-item output rows: id, logp_choice, coverage, p, n_prompt_tokens."""
+    coverage, p_norm = normalise(logp_choice)
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "logp_choice": list(logp_choice),
+            "coverage": coverage,
+            "p": list(p_norm if p is None else p),
+            "n_prompt_tokens": n_tokens,
+        }
+    )
+
+
+def run_sharded(
+    n_items: int,
+    shard_size: int,
+    out_path: str | Path,
+    provenance: dict[str, Any],
+    score_shard: Callable[[slice], pd.DataFrame],
+) -> pd.DataFrame:
+    """
+    Score items in shards written to ``<out>.parts/``; a restart skips finished shards whose provenance matches.
+
+    Each shard is written atomically, so after a SIGKILL at most the shard in progress is redone. The final
+    file is written atomically too, and only then are the parts removed.
+    """
+    out_path = Path(out_path)
+    parts = out_path.with_name(out_path.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for start in range(0, n_items, shard_size):
+        shard = parts / f"shard-{start // shard_size:05d}.parquet"
+        if shard.exists() and read_provenance(shard) == provenance:
+            frames.append(pd.read_parquet(shard))
+            log.info("shard %s already done; reused", shard.name)
+            continue
+        t0 = time.perf_counter()
+        frame = score_shard(slice(start, min(start + shard_size, n_items)))
+        write_parquet(shard, frame, provenance)
+        frames.append(frame)
+        log.info("shard %s: %d items in %.1f s", shard.name, len(frame), time.perf_counter() - t0)
+    result = pd.concat(frames, ignore_index=True)
+    write_parquet(out_path, result, provenance)
+    for shard in parts.glob("*.parquet"):
+        shard.unlink()
+    parts.rmdir()
+    return result

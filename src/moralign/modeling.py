@@ -1,0 +1,113 @@
+"""Load tokenizers, models and adapters the same way for real and tiny models."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(preference: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without one is an error, not a silent CPU run."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but no CUDA device is available")
+    return torch.device(preference)
+
+
+def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
+    """``auto`` = bfloat16 on CUDA (what the 7-8B models ship in), float32 on CPU (exact, and fast there)."""
+    if preference == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[preference]
+
+
+def model_source(model_cfg: dict[str, Any], built_dir: str | Path | None) -> tuple[str, str | None]:
+    """Where ``from_pretrained`` loads a model from: the locally built folder, or the hub id and revision."""
+    if "build" in model_cfg:
+        if built_dir is None:
+            raise ValueError("a model with 'build' needs the folder it was built into")
+        return str(built_dir), None
+    return model_cfg["hf_id"], model_cfg.get("revision")
+
+
+def load_tokenizer(source: str, revision: str | None = None) -> Any:
+    """Load a tokenizer; a missing pad token falls back to EOS (padding is always masked)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, revision=revision)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def bnb_config() -> Any:
+    """QLoRA's 4-bit NF4 with double quantisation and bf16 compute (Dettmers et al., 2023)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def load_model(
+    source: str,
+    revision: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str = "none",
+    adapter: str | Path | None = None,
+) -> Any:
+    """Load a causal LM (optionally 4-bit, optionally with a LoRA adapter) in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"revision": revision, "dtype": dtype}
+    if quantization == "4bit":
+        if device.type != "cuda":
+            raise RuntimeError("quantization: 4bit needs a CUDA device (bitsandbytes); use 'none' on CPU")
+        kwargs["quantization_config"] = bnb_config()
+        kwargs["device_map"] = {"": device.index or 0}
+    if device.type == "cuda":
+        kwargs["attn_implementation"] = "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quantization != "4bit":
+        model.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return model
+
+
+def fingerprint_files(folder: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "*.json")) -> str:
+    """sha256 over a folder's weight and config files (names and contents), for provenance."""
+    h = hashlib.sha256()
+    folder = Path(folder)
+    for pattern in patterns:
+        for path in sorted(folder.glob(pattern)):
+            h.update(path.name.encode())
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def model_revision(model: Any, source: str) -> str | None:
+    """The exact weights used: the hub commit when loaded from the hub, else a hash of the local files."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    commit = getattr(base.config, "_commit_hash", None)
+    if commit:
+        return commit
+    return fingerprint_files(source) if Path(source).is_dir() else None

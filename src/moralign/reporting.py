@@ -1,0 +1,316 @@
+"""The results table (CSV, Markdown, LaTeX, DVC metrics) and the figures of a run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moralign.io import atomic_path, read_json, write_json
+from moralign.metrics import LOWER_IS_BETTER
+
+PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
+PAPER_CITATION = "Senthilkumar et al. 2024 (arXiv 2410.07826), as published"
+# Columns of the headline table, in order; the arrow says which direction is better.
+TABLE_METRICS = (
+    "xentropy",
+    "calibrated_xentropy",
+    "dirichlet",
+    "dirichlet_fitted",
+    "paper_xentropy",
+    "total_variation",
+    "jensen_shannon",
+    "accuracy",
+    "macro_f1",
+    "coverage",
+)
+REFERENCE_ORDER = ("uniform", "train_prior", "best")
+
+
+def column_name(metric: str) -> str:
+    """Header with the better direction: ``xentropy ↓``."""
+    return f"{metric} {'↓' if LOWER_IS_BETTER[metric] else '↑'}"
+
+
+def results_frame(
+    cells: list[dict[str, Any]], references: list[dict[str, Any]], include_paper: bool = True
+) -> pd.DataFrame:
+    """One row per (dataset, model, condition), the reference rows and the paper's published values (long form)."""
+    rows = []
+    for cell in cells:
+        for metric, e in cell["metrics"].items():
+            rows.append(
+                {
+                    "dataset": cell["dataset"],
+                    "model": cell["model"],
+                    "condition": cell["condition"],
+                    "kind": "model",
+                    "metric": metric,
+                    **e,
+                    "n_items": cell["n_items"],
+                }
+            )
+    for ref in references:
+        for name, res in ref["rows"].items():
+            for metric, e in res["metrics"].items():
+                rows.append(
+                    {
+                        "dataset": ref["dataset"],
+                        "model": name,
+                        "condition": "reference",
+                        "kind": "reference",
+                        "metric": metric,
+                        **e,
+                        "n_items": res["n_items"],
+                    }
+                )
+    frame = pd.DataFrame(rows)
+    if include_paper:
+        datasets = set(frame["dataset"])
+        paper = pd.read_csv(PAPER_RESULTS, comment="#")
+        for _, r in paper[paper["dataset"].isin(datasets)].iterrows():
+            for metric, col in (("paper_xentropy", "xentropy_as_published"), ("dirichlet", "dirichlet_as_published")):
+                if not pd.isna(r[col]):
+                    rows.append(
+                        {
+                            "dataset": r["dataset"],
+                            "model": r["model"],
+                            "condition": "finetuned (paper)" if r["condition"] == "finetuned" else "base (paper)",
+                            "kind": "published",
+                            "metric": metric,
+                            "value": float(r[col]),
+                            "low": math.nan,
+                            "high": math.nan,
+                            "n_items": math.nan,
+                        }
+                    )
+        frame = pd.DataFrame(rows)
+    return frame
+
+
+def _fmt(value: float, low: float, high: float) -> str:
+    if pd.isna(value):
+        return ""
+    if pd.isna(low):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def wide_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Rows model x condition per dataset, one 'value [low, high]' column per metric; best model value marked *."""
+    long = long.copy()
+    best = {}
+    models = long[long["kind"] == "model"]
+    for (dataset, metric), group in models.groupby(["dataset", "metric"]):
+        values = group["value"].dropna()
+        if len(values):
+            best[(dataset, metric)] = values.min() if LOWER_IS_BETTER[metric] else values.max()
+    long["text"] = [
+        _fmt(v, lo, hi) + ("*" if k == "model" and best.get((d, m)) == v else "")
+        for v, lo, hi, k, d, m in zip(
+            long["value"], long["low"], long["high"], long["kind"], long["dataset"], long["metric"], strict=True
+        )
+    ]
+    order = {"model": 0, "reference": 1, "published": 2}
+    wide = long.pivot_table(
+        index=["dataset", "kind", "model", "condition"], columns="metric", values="text", aggfunc="first"
+    ).reset_index()
+    items = long.groupby(["dataset", "model", "condition"])["n_items"].first().rename("items").reset_index()
+    wide = wide.merge(items, on=["dataset", "model", "condition"], how="left")
+    wide["_order"] = wide["kind"].map(order)
+    wide = wide.sort_values(["dataset", "_order", "model", "condition"]).drop(columns="_order")
+    cols = [m for m in TABLE_METRICS if m in wide.columns]
+    wide = wide[["dataset", "kind", "model", "condition", *cols, "items"]].fillna("")
+    wide["items"] = [str(int(x)) if x != "" and not pd.isna(x) else "" for x in wide["items"]]
+    return wide.rename(columns={m: column_name(m) for m in cols})
+
+
+def to_markdown(wide: pd.DataFrame) -> str:
+    """GitHub Markdown table."""
+    header = "| " + " | ".join(wide.columns) + " |"
+    sep = "|" + "|".join("---" for _ in wide.columns) + "|"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in wide.itertuples(index=False)]
+    return "\n".join([header, sep, *body]) + "\n"
+
+
+def _tex(text: str) -> str:
+    return (
+        str(text)
+        .replace("\\", r"\textbackslash{}")
+        .replace("_", r"\_")
+        .replace("&", r"\&")
+        .replace("%", r"\%")
+        .replace("#", r"\#")
+        .replace("↓", r"$\downarrow$")
+        .replace("↑", r"$\uparrow$")
+    )
+
+
+def to_latex(wide: pd.DataFrame) -> str:
+    """A booktabs table; the best model value per column is bold."""
+    cols = list(wide.columns)
+    lines = [
+        r"\begin{tabular}{" + "l" * 4 + "r" * (len(cols) - 4) + "}",
+        r"\toprule",
+        " & ".join(_tex(c) for c in cols) + r" \\",
+        r"\midrule",
+    ]
+    last = None
+    for row in wide.itertuples(index=False):
+        if last is not None and row[0] != last:
+            lines.append(r"\midrule")
+        last = row[0]
+        cells = []
+        for v in row:
+            v = str(v)
+            cells.append(r"\textbf{" + _tex(v[:-1]) + "}" if v.endswith("*") else _tex(v))
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def tabulate(score_files: list[Path], reference_files: list[Path], out_dir: Path) -> pd.DataFrame:
+    """Write results.csv (long form), results.md, results.tex and metrics.json (for ``dvc metrics``)."""
+    cells = []
+    for path in score_files:
+        s = read_json(path)
+        prov = s["provenance"]
+        cells.append({**s, "dataset": prov["dataset"], "model": prov["model"]})
+    refs = [read_json(p) for p in reference_files]
+    long = results_frame(cells, refs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "results.csv") as tmp:
+        long.to_csv(tmp, index=False)
+    wide = wide_table(long)
+    note = (
+        f"\nValues: mean [95 % bootstrap interval] on the {cells[0]['split'] if cells else ''} split; "
+        "* = best model per dataset and column. `paper_xentropy` is the paper's (mis-specified) "
+        f"cross-entropy, kept for comparison with {PAPER_CITATION}; `published` rows are theirs.\n"
+    )
+    with atomic_path(out_dir / "results.md") as tmp:
+        tmp.write_text(to_markdown(wide) + note)
+    with atomic_path(out_dir / "results.tex") as tmp:
+        tmp.write_text(to_latex(wide))
+    nested: dict[str, Any] = {}
+    for cell in cells:
+        node = nested.setdefault(cell["dataset"], {}).setdefault(cell["model"], {})
+        node[cell["condition"]] = {m: round(e["value"], 6) for m, e in cell["metrics"].items()}
+    write_json(out_dir / "metrics.json", nested)
+    return long
+
+
+# -------------------------------------------------------------------------------------------------- figures
+
+# Okabe-Ito colours (colour-blind safe) plus hatching, so bars also survive greyscale printing.
+COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00")
+HATCHES = ("", "//", "..", "xx", "\\\\", "++")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "figure.dpi": 120, "savefig.bbox": "tight"})
+    return plt
+
+
+def bar_figure(long: pd.DataFrame, dataset: str, metric: str, out_stem: Path) -> list[Path]:
+    """Before/after bars per model for one metric with intervals, and the uniform and BEST levels as lines."""
+    plt = _plt()
+    d = long[(long["dataset"] == dataset) & (long["metric"] == metric)]
+    models = d[d["kind"] == "model"]
+    names = sorted(models["model"].unique())
+    conditions = list(dict.fromkeys(models["condition"]))
+    width = 0.8 / max(1, len(conditions))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(names) + 2), 3.6))
+    for k, cond in enumerate(conditions):
+        sub = models[models["condition"] == cond].set_index("model").reindex(names)
+        x = np.arange(len(names)) + (k - (len(conditions) - 1) / 2) * width
+        err = np.vstack([sub["value"] - sub["low"], sub["high"] - sub["value"]])
+        ax.bar(
+            x,
+            sub["value"],
+            width,
+            yerr=np.nan_to_num(err),
+            capsize=3,
+            label=cond,
+            color=COLOURS[k % len(COLOURS)],
+            hatch=HATCHES[k % len(HATCHES)],
+            edgecolor="black",
+            linewidth=0.5,
+        )
+    refs = d[d["kind"] == "reference"].set_index("model")["value"]
+    for name, style in (("uniform", ":"), ("best", "--")):
+        if name in refs:
+            ax.axhline(refs[name], color="black", linestyle=style, linewidth=1, label=f"{name} ({refs[name]:.3f})")
+    ax.set_xticks(np.arange(len(names)), names, rotation=15 if len(names) > 2 else 0)
+    ax.set_ylabel(f"{metric} ({'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)")
+    ax.set_title(f"{dataset}: {metric} before and after fine-tuning (95 % CI)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return _save(fig, out_stem)
+
+
+def _save(fig: Any, stem: Path) -> list[Path]:
+    plt = _plt()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in (".png", ".pdf"):
+        with atomic_path(stem.with_suffix(ext), suffix=ext) as tmp:
+            fig.savefig(tmp, format=ext[1:])
+        paths.append(stem.with_suffix(ext))
+    plt.close(fig)
+    return paths
+
+
+def reliability_figure(
+    pred_files: dict[str, Path], data_file: Path, dataset: str, out_stem: Path, bins: int = 10
+) -> list[Path]:
+    """Model probability of the first choice (binned) against the mean human probability, per condition."""
+    plt = _plt()
+    gold = pd.read_parquet(data_file)[["id", "human_probs"]]
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect agreement")
+    edges = np.linspace(0, 1, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    for k, (label, path) in enumerate(pred_files.items()):
+        m = pd.read_parquet(path).merge(gold, on="id")
+        p = np.stack(m["p"].to_numpy())[:, 0]
+        h = np.stack(m["human_probs"].to_numpy())[:, 0]
+        which = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+        counts = np.bincount(which, minlength=bins)
+        mean_h = np.bincount(which, weights=h, minlength=bins) / np.maximum(counts, 1)
+        ok = counts > 0
+        ax.plot(centres[ok], mean_h[ok], marker="os^dv<>"[k % 7], color=COLOURS[k % len(COLOURS)], label=label)
+        axn.bar(
+            centres + (k - len(pred_files) / 2) * 0.8 / bins / max(1, len(pred_files)),
+            counts,
+            width=0.8 / bins / max(1, len(pred_files)),
+            color=COLOURS[k % len(COLOURS)],
+        )
+    ax.set_ylabel("mean human probability")
+    ax.set_title(f"{dataset}: model vs human probability of the first choice")
+    ax.legend(fontsize=8)
+    axn.set_xlabel("model probability of the first choice (binned)")
+    axn.set_ylabel("items")
+    return _save(fig, out_stem)
+
+
+def plot_dataset(
+    results_csv: Path, dataset: str, pred_dirs: list[Path], data_dir: Path, split: str, out_dir: Path
+) -> list[Path]:
+    """Every figure of one dataset: bars for xentropy and dirichlet, and the reliability plot."""
+    long = pd.read_csv(results_csv)
+    paths = []
+    for metric in ("xentropy", "dirichlet"):
+        paths += bar_figure(long, dataset, metric, out_dir / f"{dataset}_{metric}_bars")
+    preds = {}
+    for d in pred_dirs:
+        prov = read_json(d / "summary.json")["provenance"]
+        preds[f"{prov['model']} / {prov['condition']}"] = d / f"{split}.parquet"
+    paths += reliability_figure(preds, data_dir / f"{split}.parquet", dataset, out_dir / f"{dataset}_reliability")
+    return paths

@@ -1,0 +1,23 @@
+"""
+Fetch one Scruples release archive (URL, local mirror, or the synthetic sample) and record its sha256.
+
+Example:
+    python workflow/scripts/download.py --config params.yaml --archive anecdotes \
+        --out data/paper/raw/anecdotes.tar.gz
+"""
+
+from pathlib import Path
+
+from moralign import cli, steps
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--archive", required=True, choices=["anecdotes", "dilemmas"])
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args(argv)
+    steps.download(cli.start(args), args.archive, args.out)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,32 @@
+"""
+Next-token answer probabilities for every item of one (model, dataset, condition) cell.
+
+Examples:
+    python workflow/scripts/extract.py --config params.yaml --model zephyr-7b-beta --dataset dilemmas \
+        --condition base --data-dir data/paper/processed/dilemmas \
+        --out-dir results/paper/predictions/dilemmas/zephyr-7b-beta/base
+    # a fine-tuned condition adds --adapter models/paper/adapters/dilemmas/zephyr-7b-beta/soft
+"""
+
+from pathlib import Path
+
+from moralign import cli, steps
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--condition", required=True)
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--base", type=Path, help="folder of a locally built base model")
+    p.add_argument("--adapter", type=Path, help="LoRA adapter folder (fine-tuned conditions)")
+    args = p.parse_args(argv)
+    steps.extract(
+        cli.start(args), args.model, args.dataset, args.condition, args.data_dir, args.out_dir, args.base, args.adapter
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,30 @@
+"""
+Figures of one dataset: before/after bars with intervals and BEST/uniform levels, and a reliability plot.
+
+Example:
+    python workflow/scripts/plot.py --config params.yaml --dataset dilemmas --results reports/paper/results.csv \
+        --data-dir data/paper/processed/dilemmas --predictions results/paper/predictions/dilemmas/*/* \
+        --out-dir reports/paper/figures
+"""
+
+from pathlib import Path
+
+from moralign import cli, reporting
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--results", required=True, type=Path)
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--predictions", required=True, nargs="+", type=Path)
+    p.add_argument("--out-dir", required=True, type=Path)
+    args = p.parse_args(argv)
+    cfg = cli.start(args)
+    reporting.plot_dataset(
+        args.results, args.dataset, args.predictions, args.data_dir, cfg["experiment"]["eval_split"], args.out_dir
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

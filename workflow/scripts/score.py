@@ -1,0 +1,30 @@
+"""
+Every metric, with bootstrap intervals, of one (model, dataset, condition) cell.
+
+Example:
+    python workflow/scripts/score.py --config params.yaml --dataset dilemmas --condition soft \
+        --data-dir data/paper/processed/dilemmas \
+        --predictions results/paper/predictions/dilemmas/zephyr-7b-beta/soft \
+        --baseline results/paper/predictions/dilemmas/zephyr-7b-beta/base \
+        --out results/paper/scores/dilemmas/zephyr-7b-beta/soft.json
+"""
+
+from pathlib import Path
+
+from moralign import cli, steps
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--condition", required=True)
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--predictions", required=True, type=Path)
+    p.add_argument("--baseline", type=Path, help="base-condition predictions, for paired differences")
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args(argv)
+    steps.score(cli.start(args), args.dataset, args.condition, args.data_dir, args.predictions, args.out, args.baseline)
+
+
+if __name__ == "__main__":
+    cli.run(main)
