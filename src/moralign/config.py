@@ -1,5 +1,4 @@
-"""
-Load, merge and validate a run configuration.
+"""Load, merge and validate a run configuration.
 
 One configuration drives both orchestrators: Snakemake reads ``params.yaml`` plus any ``--configfile`` overlay,
 DVC reads ``params.yaml``, and every step script gets the same list of files through ``--config``. Files are

@@ -1,5 +1,4 @@
-"""
-Scruples data: fetch the release, unpack it safely, parse and validate it, build the task tables.
+"""Scruples data: fetch the release, unpack it safely, parse and validate it, build the task tables.
 
 Release layout (v1.0): ``anecdotes.tar.gz`` holds ``anecdotes/{train,dev,test}.scruples-anecdotes.jsonl``,
 ``dilemmas.tar.gz`` holds ``dilemmas/{train,train-extra,dev,test}.scruples-dilemmas.jsonl`` (each with a
@@ -97,8 +96,7 @@ def fetch_archive(
     expected_sha256: str | None = None,
     sample: dict[str, int] | None = None,
 ) -> str:
-    """
-    Put release archive ``archive`` at ``dest`` and return its sha256 (also written to ``dest.sha256``).
+    """Put release archive ``archive`` at ``dest`` and return its sha256 (also written to ``dest.sha256``).
 
     ``source`` is a base URL, a local directory holding ``<archive>.tar.gz`` or an unpacked ``<archive>/``
     folder, or ``sample`` (synthetic, see :mod:`moralign.sample`; ``sample`` gives its seed and split sizes).

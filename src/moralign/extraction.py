@@ -1,5 +1,4 @@
-"""
-Next-token probability extraction: one forward pass per prompt, every answer variant summed.
+"""Next-token probability extraction: one forward pass per prompt, every answer variant summed.
 
 For each prompt and choice j (design.md §3):
 
@@ -18,6 +17,7 @@ padded row sees exactly the positions it would see alone (results do not depend 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -214,8 +214,7 @@ class PromptSet:
 
 
 def encode_prompts(tokenizer: Any, texts: list[str], chat: bool, max_length: int | None = None) -> list[list[int]]:
-    """
-    Token ids of rendered prompts. Chat templates already hold BOS; raw text gets the tokenizer's specials.
+    """Token ids of rendered prompts. Chat templates already hold BOS; raw text gets the tokenizer's specials.
 
     Prompts longer than ``max_length`` are cut from the left, so the question and answer position survive.
     """
@@ -256,11 +255,11 @@ def run_sharded(
     n_items: int,
     shard_size: int,
     out_path: str | Path,
+    parts: Path,
     provenance: dict[str, Any],
     score_shard: Callable[[slice], pd.DataFrame],
 ) -> pd.DataFrame:
-    """
-    Score items in shards written to ``<out>.parts/``; a restart skips finished shards whose provenance matches.
+    """Score items in shards written to ``<out>.parts/``; a restart skips finished shards whose provenance matches.
 
     Each shard is written atomically, so after a SIGKILL at most the shard in progress is redone. The final
     file is written atomically too, and only then are the parts removed.
@@ -282,7 +281,5 @@ def run_sharded(
         log.info("shard %s: %d items in %.1f s", shard.name, len(frame), time.perf_counter() - t0)
     result = pd.concat(frames, ignore_index=True)
     write_parquet(out_path, result, provenance)
-    for shard in parts.glob("*.parquet"):
-        shard.unlink()
-    parts.rmdir()
+    shutil.rmtree(parts)
     return result

@@ -24,8 +24,7 @@ _TRACKED_PACKAGES = ("moralign", "torch", "transformers", "peft", "trl", "accele
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """
-    Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
 
     A crash leaves at most a hidden ``.tmp`` file, never a partial output that looks complete.
     """

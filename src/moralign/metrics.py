@@ -1,5 +1,4 @@
-"""
-Metrics of model distributions against human vote distributions (design.md §5).
+"""Metrics of model distributions against human vote distributions (design.md §5).
 
 Notation: counts y (items x choices), N = y.sum(1), human distribution h = y / N, model distribution p
 (given as log p). Everything is computed in log space; p is never clipped. All functions are vectorised over
@@ -155,8 +154,7 @@ def summarise(
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """
-    Every metric of one cell with its 95 % bootstrap interval, plus the fitted T and c.
+    """Every metric of one cell with its 95 % bootstrap interval, plus the fitted T and c.
 
     ``dev`` = (dev counts, dev log p) for the fitted temperature and concentration; without it they are 1.
     """

@@ -30,15 +30,6 @@ def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
     return _DTYPES[preference]
 
 
-def model_source(model_cfg: dict[str, Any], built_dir: str | Path | None) -> tuple[str, str | None]:
-    """Where ``from_pretrained`` loads a model from: the locally built folder, or the hub id and revision."""
-    if "build" in model_cfg:
-        if built_dir is None:
-            raise ValueError("a model with 'build' needs the folder it was built into")
-        return str(built_dir), None
-    return model_cfg["hf_id"], model_cfg.get("revision")
-
-
 def load_tokenizer(source: str, revision: str | None = None) -> Any:
     """Load a tokenizer; a missing pad token falls back to EOS (padding is always masked)."""
     from transformers import AutoTokenizer
@@ -102,12 +93,3 @@ def fingerprint_files(folder: str | Path, patterns: tuple[str, ...] = ("*.safete
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
     return h.hexdigest()[:16]
-
-
-def model_revision(model: Any, source: str) -> str | None:
-    """The exact weights used: the hub commit when loaded from the hub, else a hash of the local files."""
-    base = getattr(model, "get_base_model", lambda: model)()
-    commit = getattr(base.config, "_commit_hash", None)
-    if commit:
-        return commit
-    return fingerprint_files(source) if Path(source).is_dir() else None

@@ -1,5 +1,4 @@
-"""
-Prompts: a variant is data (config), rendering is here.
+"""Prompts: a variant is data (config), rendering is here.
 
 A prompt = optional system text + k few-shot examples (one fixed, seeded draw from train, each shown with its
 majority answer) + the item + the question. Instruct models get their own chat template with the generation

@@ -1,5 +1,4 @@
-"""
-Reference rows: what a trivial predictor scores, and the best any predictor can expect (Scruples' BEST).
+"""Reference rows: what a trivial predictor scores, and the best any predictor can expect (Scruples' BEST).
 
 BEST (Lourie et al., 2021): annotators' votes on an item are a sample from its unknown true distribution. Fit a
 Dirichlet prior alpha_hat to all items' vote counts by maximum likelihood (Dirichlet-multinomial likelihood,
@@ -47,8 +46,7 @@ def fit_dirichlet_prior(counts: np.ndarray) -> np.ndarray:
 def best_oracle(
     counts: np.ndarray, alpha: np.ndarray, samples: int, seed: int, resamples: int = 1000
 ) -> dict[str, Any]:
-    """
-    Expected metrics of predicting each item's posterior-sampled true distribution.
+    """Expected metrics of predicting each item's posterior-sampled true distribution.
 
     Returns the same structure as :func:`moralign.metrics.summarise` (value with a bootstrap interval over
     items of the per-item expectations) plus ``mc_se``: the Monte Carlo standard error of each value.

@@ -172,14 +172,29 @@ def to_latex(wide: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tabulate(score_files: list[Path], reference_files: list[Path], out_dir: Path) -> pd.DataFrame:
-    """Write results.csv (long form), results.md, results.tex and metrics.json (for ``dvc metrics``)."""
-    cells = []
-    for path in score_files:
+def collect_scores(
+    paths: list[Path], datasets: list[str], models: list[str], conditions: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Cell scores and reference rows from score files or folders of them, limited to the run's experiment.
+
+    Folders (DVC passes the scores folder) may hold files of cells no longer in the config: they are skipped.
+    """
+    files = [f for p in paths for f in (sorted(p.rglob("*.json")) if p.is_dir() else [p])]
+    cells, refs = [], []
+    for path in files:
         s = read_json(path)
+        if "rows" in s:
+            if s["dataset"] in datasets:
+                refs.append(s)
+            continue
         prov = s["provenance"]
-        cells.append({**s, "dataset": prov["dataset"], "model": prov["model"]})
-    refs = [read_json(p) for p in reference_files]
+        if prov["dataset"] in datasets and prov["model"] in models and s["condition"] in conditions:
+            cells.append({**s, "dataset": prov["dataset"], "model": prov["model"]})
+    return cells, refs
+
+
+def tabulate(cells: list[dict[str, Any]], refs: list[dict[str, Any]], out_dir: Path) -> pd.DataFrame:
+    """Write results.csv (long form), results.md, results.tex and metrics.json (for ``dvc metrics``)."""
     long = results_frame(cells, refs)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "results.csv") as tmp:
@@ -301,16 +316,27 @@ def reliability_figure(
 
 
 def plot_dataset(
-    results_csv: Path, dataset: str, pred_dirs: list[Path], data_dir: Path, split: str, out_dir: Path
+    results_csv: Path,
+    dataset: str,
+    pred_dirs: list[Path],
+    data_dir: Path,
+    split: str,
+    out_dir: Path,
+    models: list[str],
+    conditions: list[str],
 ) -> list[Path]:
-    """Every figure of one dataset: bars for xentropy and dirichlet, and the reliability plot."""
+    """Every figure of one dataset: bars for xentropy and dirichlet, and the reliability plot.
+
+    ``pred_dirs`` are prediction folders or folders above them; cells outside the run's experiment are skipped.
+    """
     long = pd.read_csv(results_csv)
     paths = []
     for metric in ("xentropy", "dirichlet"):
         paths += bar_figure(long, dataset, metric, out_dir / f"{dataset}_{metric}_bars")
     preds = {}
-    for d in pred_dirs:
-        prov = read_json(d / "summary.json")["provenance"]
-        preds[f"{prov['model']} / {prov['condition']}"] = d / f"{split}.parquet"
+    for summary in sorted(s for d in pred_dirs for s in Path(d).rglob("summary.json")):
+        prov = read_json(summary)["provenance"]
+        if prov["dataset"] == dataset and prov["model"] in models and prov["condition"] in conditions:
+            preds[f"{prov['model']} / {prov['condition']}"] = summary.parent / f"{split}.parquet"
     paths += reliability_figure(preds, data_dir / f"{split}.parquet", dataset, out_dir / f"{dataset}_reliability")
     return paths

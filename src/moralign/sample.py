@@ -1,5 +1,4 @@
-"""
-A seeded synthetic Scruples sample in the exact release format, with learnable signal.
+"""A seeded synthetic Scruples sample in the exact release format, with learnable signal.
 
 The demo and the tests cannot download Scruples, so this module writes ``anecdotes.tar.gz`` and
 ``dilemmas.tar.gz`` with the release's layout, file names and record fields, and the same unpack/parse code

@@ -1,5 +1,4 @@
-"""
-One function per workflow step; ``workflow/scripts/<step>.py`` parses arguments and calls it.
+"""One function per workflow step; ``workflow/scripts/<step>.py`` parses arguments and calls it.
 
 Every path comes from the orchestrator. Every function reads the configuration it is given (already merged and
 validated), writes its outputs atomically, and logs to the rule's log file through the ``logging`` setup of
@@ -22,6 +21,7 @@ from moralign.config import CONDITION_BASE, Config, digest
 from moralign.io import atomic_dir, environment, read_json, write_json, write_parquet
 
 log = logging.getLogger(__name__)
+SOURCE_FILE = "moralign-source.json"
 
 
 def download(cfg: Config, archive: str, out: Path) -> None:
@@ -31,20 +31,50 @@ def download(cfg: Config, archive: str, out: Path) -> None:
     log.info("%s: sha256 %s", out, digest_)
 
 
-def prepare(cfg: Config, dataset: str, archive: Path, out_dir: Path) -> None:
-    """Parse and validate one dataset's archive into per-split Parquet tables."""
-    stats = scruples.prepare(dataset, archive, out_dir)
+def prepare(cfg: Config, dataset: str, raw_dir: Path, out_dir: Path) -> None:
+    """Parse and validate one dataset's release archive (in ``raw_dir``) into per-split Parquet tables."""
+    stats = scruples.prepare(dataset, raw_dir / f"{scruples.TASKS[dataset].archive}.tar.gz", out_dir)
     for split, counts in stats["splits"].items():
         log.info("%s/%s: %s", dataset, split, counts)
 
 
-def build_model(cfg: Config, model: str, archives: list[Path], out: Path) -> None:
-    """Build a tiny random model (demo/tests) with a tokenizer trained on the sample text."""
-    from moralign.tinymodels import build_tiny_model
+def fetch_model(cfg: Config, model: str, archives: list[Path], out: Path) -> None:
+    """Put a base model in ``out``: a snapshot of the hub model (pinned revision), or a tiny model built locally.
 
+    Every later step loads the model from ``out``, so compute nodes need no network and DVC can track the
+    exact weights; ``moralign-source.json`` records where they came from.
+    """
+    mcfg = cfg.model(model)
     with atomic_dir(out) as tmp:
-        build_tiny_model(cfg.model(model)["build"], archives, tmp)
-    log.info("built %s into %s", model, out)
+        if "build" in mcfg:
+            from moralign.tinymodels import build_tiny_model
+
+            build_tiny_model(mcfg["build"], archives, tmp)
+            source = {"built": mcfg["build"], "hf_id": None, "revision": None}
+        else:
+            from huggingface_hub import snapshot_download
+
+            log.info("downloading %s@%s", mcfg["hf_id"], mcfg["revision"] or "main")
+            snapshot_download(
+                mcfg["hf_id"],
+                revision=mcfg["revision"],
+                local_dir=tmp,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja"],
+            )
+            from huggingface_hub import model_info
+
+            commit = mcfg["revision"] or model_info(mcfg["hf_id"]).sha
+            source = {"built": None, "hf_id": mcfg["hf_id"], "revision": commit}
+        write_json(tmp / SOURCE_FILE, source)
+    log.info("%s ready in %s", model, out)
+
+
+def base_identity(base_dir: Path) -> dict[str, Any]:
+    """Where a base model came from: hub id and commit, or the build spec and a hash of the built files."""
+    from moralign.modeling import fingerprint_files
+
+    source = read_json(base_dir / SOURCE_FILE)
+    return {**source, "weights": source["revision"] or fingerprint_files(base_dir)}
 
 
 # ------------------------------------------------------------------------------------------------ shared setup
@@ -80,26 +110,17 @@ def extract(
     dataset: str,
     condition: str,
     data_dir: Path,
+    base_dir: Path,
     out_dir: Path,
-    base_dir: Path | None = None,
     adapter_dir: Path | None = None,
 ) -> None:
     """Score every item of the configured splits for one (model, dataset, condition) cell."""
     from moralign import extraction as ex
-    from moralign.modeling import (
-        fingerprint_files,
-        load_model,
-        load_tokenizer,
-        model_revision,
-        model_source,
-        resolve_device,
-        resolve_dtype,
-    )
+    from moralign.modeling import fingerprint_files, load_model, load_tokenizer, resolve_device, resolve_dtype
     from moralign.prompts import swap_options
 
     settings = cfg["extract"]
-    mcfg = cfg.model(model)
-    source, revision = model_source(mcfg, base_dir)
+    source, revision = str(base_dir), None
     device = resolve_device(settings["device"])
     dtype = resolve_dtype(settings["dtype"], device)
     tokenizer = load_tokenizer(source, revision)
@@ -113,8 +134,7 @@ def extract(
         )
     provenance = {
         "model": model,
-        "source": source,
-        "revision": model_revision(lm, source),
+        "base": base_identity(base_dir),
         "adapter": fingerprint_files(adapter_dir) if adapter_dir else None,
         "condition": condition,
         "dataset": dataset,
@@ -155,6 +175,7 @@ def extract(
             len(frame),
             settings["shard_size"],
             out_dir / f"{split}.parquet",
+            out_dir.with_name(f".{out_dir.name}.{split}.parts"),
             {**provenance, "split": split},
             score_shard,
         )
@@ -173,15 +194,13 @@ def extract(
 # --------------------------------------------------------------------------------------------------- finetune
 
 
-def finetune(
-    cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, out_dir: Path, base_dir: Path | None = None
-) -> None:
+def finetune(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base_dir: Path, out_dir: Path) -> None:
     """Train one LoRA adapter (recipe x model x dataset); resumes from checkpoints beside ``out_dir``."""
     import torch
 
     from moralign import extraction as ex
     from moralign import training
-    from moralign.modeling import load_model, load_tokenizer, model_revision, model_source, resolve_device
+    from moralign.modeling import load_model, load_tokenizer, resolve_device
 
     settings = cfg.finetune(recipe)
     meta_path = out_dir / "metadata.json"
@@ -189,8 +208,7 @@ def finetune(
     if meta_path.exists() and read_json(meta_path).get("fingerprint") == fingerprint:
         log.info("%s is already trained with these settings; nothing to do", out_dir)
         return
-    mcfg = cfg.model(model)
-    source, revision = model_source(mcfg, base_dir)
+    source, revision = str(base_dir), None
     device = resolve_device(settings["device"])
     quantized = settings["quantization"] == "4bit"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -232,7 +250,7 @@ def finetune(
     meta = {
         "fingerprint": fingerprint,
         "model": model,
-        "base": {"source": source, "revision": model_revision(base, source)},
+        "base": base_identity(base_dir),
         "dataset": dataset,
         "recipe": recipe,
         "hyperparameters": settings,

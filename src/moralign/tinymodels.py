@@ -1,5 +1,4 @@
-"""
-Tiny random models of the real architectures, with a tokenizer trained on the sample text.
+"""Tiny random models of the real architectures, with a tokenizer trained on the sample text.
 
 The demo and the tests cannot download Llama or Mistral weights. They build a LlamaForCausalLM or
 MistralForCausalLM with a few thousand parameters per layer, a BPE tokenizer trained on the sample's text and

@@ -1,5 +1,4 @@
-"""
-LoRA / QLoRA fine-tuning toward human vote distributions, through trl's SFTTrainer.
+"""LoRA / QLoRA fine-tuning toward human vote distributions, through trl's SFTTrainer.
 
 Two recipes (design.md §4), both on prompts rendered and tokenized exactly as extraction does:
 

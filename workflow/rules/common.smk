@@ -53,13 +53,9 @@ def section(*keys):
     return CFG.section_hash(*keys)
 
 
-def base_model_input(wildcards):
-    """A locally built model is a file dependency; a hub model is not."""
-    return BASE_MODEL.format(model=wildcards.model) if "build" in CFG.model(wildcards.model) else []
-
-
-def base_arg(wildcards, input):
-    return f"--base {input.base}" if input.base else ""
+def sample_text_input(wildcards):
+    """A model built locally trains its tokenizer on the sample text; a hub model needs nothing."""
+    return [RAW.format(archive=a) for a in ("anecdotes", "dilemmas")] if "build" in CFG.model(wildcards.model) else []
 
 
 def adapter_input(wildcards):

@@ -19,9 +19,10 @@ rule prepare:
         splits=expand(PROCESSED + "/{split}.parquet", split=SPLITS, allow_missing=True),
         stats=PROCESSED + "/stats.json",
     params:
+        raw_dir=lambda wildcards, input: os.path.dirname(input.archive),
         out_dir=lambda wildcards, output: os.path.dirname(output.stats),
     log:
         LOGS.format(step="prepare") + "/{dataset}.log",
     shell:
         "python workflow/scripts/prepare.py --config {CONFIG_ARG} --dataset {wildcards.dataset}"
-        " --archive {input.archive} --out-dir {params.out_dir} --log {log}"
+        " --raw-dir {params.raw_dir} --out-dir {params.out_dir} --log {log}"

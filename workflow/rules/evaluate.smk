@@ -1,7 +1,7 @@
 rule extract:
     input:
         data=rules.prepare.output.splits,
-        base=base_model_input,
+        base=BASE_MODEL,
         adapter=adapter_input,
         code=lib("extraction", "prompts", "modeling"),
     output:
@@ -11,7 +11,6 @@ rule extract:
         settings=lambda wildcards: section("extract", f"prompts.{wildcards.dataset}", f"models.{wildcards.model}"),
         data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
-        base=base_arg,
         adapter=adapter_arg,
     resources:
         gpu=gpus("extract"),
@@ -21,7 +20,7 @@ rule extract:
     shell:
         "python workflow/scripts/extract.py --config {CONFIG_ARG} --model {wildcards.model}"
         " --dataset {wildcards.dataset} --condition {wildcards.condition} --data-dir {params.data_dir}"
-        " {params.base} {params.adapter} --out-dir {params.out_dir} --threads {threads} --log {log}"
+        " --base {input.base} {params.adapter} --out-dir {params.out_dir} --threads {threads} --log {log}"
 
 
 rule score:

@@ -1,22 +1,27 @@
-rule build_model:
+# Hub models are downloaded once, on the submitting machine (compute nodes often have no network).
+localrules:
+    fetch_model,
+
+
+rule fetch_model:
     input:
-        archives=expand(RAW, archive=["anecdotes", "dilemmas"]),
+        archives=sample_text_input,
         code=lib("tinymodels"),
     output:
         directory(BASE_MODEL),
     params:
         settings=lambda wildcards: section(f"models.{wildcards.model}"),
     log:
-        LOGS.format(step="build_model") + "/{model}.log",
+        LOGS.format(step="fetch_model") + "/{model}.log",
     shell:
-        "python workflow/scripts/build_model.py --config {CONFIG_ARG} --model {wildcards.model}"
+        "python workflow/scripts/fetch_model.py --config {CONFIG_ARG} --model {wildcards.model}"
         " --archives {input.archives} --out {output} --log {log}"
 
 
 rule finetune:
     input:
         data=rules.prepare.output.splits,
-        base=base_model_input,
+        base=BASE_MODEL,
         code=lib("training", "prompts", "modeling", "extraction"),
     output:
         directory(ADAPTER),
@@ -25,7 +30,6 @@ rule finetune:
             "finetune", f"recipes.{wildcards.recipe}", f"prompts.{wildcards.dataset}", f"models.{wildcards.model}"
         ),
         data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
-        base=base_arg,
     resources:
         gpu=gpus("finetune"),
     threads: 1
@@ -33,5 +37,5 @@ rule finetune:
         LOGS.format(step="finetune") + "/{dataset}/{model}/{recipe}.log",
     shell:
         "python workflow/scripts/finetune.py --config {CONFIG_ARG} --model {wildcards.model}"
-        " --dataset {wildcards.dataset} --recipe {wildcards.recipe} --data-dir {params.data_dir} {params.base}"
+        " --dataset {wildcards.dataset} --recipe {wildcards.recipe} --data-dir {params.data_dir} --base {input.base}"
         " --out {output} --threads {threads} --log {log}"

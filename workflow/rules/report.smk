@@ -18,8 +18,8 @@ rule tabulate:
     log:
         LOGS.format(step="tabulate") + "/tabulate.log",
     shell:
-        "python workflow/scripts/tabulate.py --config {CONFIG_ARG} --scores {input.scores}"
-        " --references {input.references} --out-dir {params.out_dir} --log {log}"
+        "python workflow/scripts/tabulate.py --config {CONFIG_ARG} --scores {input.scores} {input.references}"
+        " --out-dir {params.out_dir} --log {log}"
 
 
 rule plot:
@@ -34,7 +34,11 @@ rule plot:
         code=lib("reporting"),
     output:
         bars=report(
-            expand(f"{REPORTS}/figures/{{dataset}}_{{metric}}_bars.png", metric=["xentropy", "dirichlet"], allow_missing=True),
+            expand(
+                f"{REPORTS}/figures/{{dataset}}_{{metric}}_bars.png",
+                metric=["xentropy", "dirichlet"],
+                allow_missing=True,
+            ),
             caption="../report/bars.rst",
             category="Figures",
             subcategory="{dataset}",
@@ -44,6 +48,11 @@ rule plot:
             caption="../report/reliability.rst",
             category="Figures",
             subcategory="{dataset}",
+        ),
+        pdf=expand(
+            f"{REPORTS}/figures/{{dataset}}_{{kind}}.pdf",
+            kind=["xentropy_bars", "dirichlet_bars", "reliability"],
+            allow_missing=True,
         ),
     params:
         data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),

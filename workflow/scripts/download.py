@@ -1,5 +1,4 @@
-"""
-Fetch one Scruples release archive (URL, local mirror, or the synthetic sample) and record its sha256.
+"""Fetch one Scruples release archive (URL, local mirror, or the synthetic sample) and record its sha256.
 
 Example:
     python workflow/scripts/download.py --config params.yaml --archive anecdotes \

@@ -1,9 +1,8 @@
-"""
-Next-token answer probabilities for every item of one (model, dataset, condition) cell.
+"""Next-token answer probabilities for every item of one (model, dataset, condition) cell.
 
 Examples:
     python workflow/scripts/extract.py --config params.yaml --model zephyr-7b-beta --dataset dilemmas \
-        --condition base --data-dir data/paper/processed/dilemmas \
+        --condition base --data-dir data/paper/processed/dilemmas --base models/paper/base/zephyr-7b-beta \
         --out-dir results/paper/predictions/dilemmas/zephyr-7b-beta/base
     # a fine-tuned condition adds --adapter models/paper/adapters/dilemmas/zephyr-7b-beta/soft
 """
@@ -20,11 +19,11 @@ def main(argv=None):
     p.add_argument("--condition", required=True)
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--out-dir", required=True, type=Path)
-    p.add_argument("--base", type=Path, help="folder of a locally built base model")
+    p.add_argument("--base", required=True, type=Path, help="folder of the base model (fetch_model's output)")
     p.add_argument("--adapter", type=Path, help="LoRA adapter folder (fine-tuned conditions)")
     args = p.parse_args(argv)
     steps.extract(
-        cli.start(args), args.model, args.dataset, args.condition, args.data_dir, args.out_dir, args.base, args.adapter
+        cli.start(args), args.model, args.dataset, args.condition, args.data_dir, args.base, args.out_dir, args.adapter
     )
 
 

@@ -1,9 +1,8 @@
-"""
-Figures of one dataset: before/after bars with intervals and BEST/uniform levels, and a reliability plot.
+"""Figures of one dataset: before/after bars with intervals and BEST/uniform levels, and a reliability plot.
 
 Example:
     python workflow/scripts/plot.py --config params.yaml --dataset dilemmas --results reports/paper/results.csv \
-        --data-dir data/paper/processed/dilemmas --predictions results/paper/predictions/dilemmas/*/* \
+        --data-dir data/paper/processed/dilemmas --predictions results/paper/predictions/dilemmas \
         --out-dir reports/paper/figures
 """
 
@@ -21,8 +20,9 @@ def main(argv=None):
     p.add_argument("--out-dir", required=True, type=Path)
     args = p.parse_args(argv)
     cfg = cli.start(args)
+    split = cfg["experiment"]["eval_split"]
     reporting.plot_dataset(
-        args.results, args.dataset, args.predictions, args.data_dir, cfg["experiment"]["eval_split"], args.out_dir
+        args.results, args.dataset, args.predictions, args.data_dir, split, args.out_dir, cfg.models, cfg.conditions
     )
 
 

@@ -1,9 +1,8 @@
-"""
-Validate one dataset's release archive and write its train/dev/test Parquet tables.
+"""Validate one dataset's release archive and write its train/dev/test Parquet tables.
 
 Example:
     python workflow/scripts/prepare.py --config params.yaml --dataset anecdotes \
-        --archive data/paper/raw/anecdotes.tar.gz --out-dir data/paper/processed/anecdotes
+        --raw-dir data/paper/raw --out-dir data/paper/processed/anecdotes
 """
 
 from pathlib import Path
@@ -14,10 +13,10 @@ from moralign import cli, steps
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--archive", required=True, type=Path)
+    p.add_argument("--raw-dir", required=True, type=Path, help="folder of the release archives")
     p.add_argument("--out-dir", required=True, type=Path)
     args = p.parse_args(argv)
-    steps.prepare(cli.start(args), args.dataset, args.archive, args.out_dir)
+    steps.prepare(cli.start(args), args.dataset, args.raw_dir, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
-"""
-Reference rows of one dataset: uniform, train prior and Scruples' BEST oracle.
+"""Reference rows of one dataset: uniform, train prior and Scruples' BEST oracle.
 
 Example:
     python workflow/scripts/references.py --config params.yaml --dataset dilemmas \

@@ -1,5 +1,4 @@
-"""
-Every metric, with bootstrap intervals, of one (model, dataset, condition) cell.
+"""Every metric, with bootstrap intervals, of one (model, dataset, condition) cell.
 
 Example:
     python workflow/scripts/score.py --config params.yaml --dataset dilemmas --condition soft \

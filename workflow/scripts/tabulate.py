@@ -1,9 +1,7 @@
-"""
-The results table of a run: results.csv, results.md, results.tex and metrics.json.
+"""The results table of a run: results.csv, results.md, results.tex and metrics.json.
 
 Example:
-    python workflow/scripts/tabulate.py --config params.yaml --scores results/paper/scores/*/*/*.json \
-        --references results/paper/scores/*/references.json --out-dir reports/paper
+    python workflow/scripts/tabulate.py --config params.yaml --scores results/paper/scores --out-dir reports/paper
 """
 
 from pathlib import Path
@@ -13,12 +11,12 @@ from moralign import cli, reporting
 
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--scores", required=True, nargs="+", type=Path)
-    p.add_argument("--references", required=True, nargs="+", type=Path)
+    p.add_argument("--scores", required=True, nargs="+", type=Path, help="score and reference files, or folders")
     p.add_argument("--out-dir", required=True, type=Path)
     args = p.parse_args(argv)
-    cli.start(args)
-    reporting.tabulate(args.scores, args.references, args.out_dir)
+    cfg = cli.start(args)
+    cells, refs = reporting.collect_scores(args.scores, cfg.datasets, cfg.models, cfg.conditions)
+    reporting.tabulate(cells, refs, args.out_dir)
 
 
 if __name__ == "__main__":
