@@ -7,6 +7,8 @@ README). ``train-extra`` is not used: it is the extra unannotated-by-gold traini
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import json
 import logging
@@ -76,6 +78,14 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def reproducible_tar(dest: str | Path) -> Iterator[tarfile.TarFile]:
+    """A ``.tar.gz`` writer whose bytes depend only on what is added (no gzip time stamp or file name)."""
+    with open(dest, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            yield tar
+
+
 def _pack_directory(src: Path, archive: str, dest: Path) -> None:
     """Tar an unpacked release folder ``src/<archive>/`` deterministically (sorted, zeroed times and owners)."""
 
@@ -84,7 +94,7 @@ def _pack_directory(src: Path, archive: str, dest: Path) -> None:
         return info
 
     root = src / archive
-    with tarfile.open(dest, "w:gz", compresslevel=6) as tar:
+    with reproducible_tar(dest) as tar:
         for path in [root, *sorted(root.rglob("*"))]:
             tar.add(path, arcname=str(path.relative_to(src)), recursive=False, filter=reset)
 

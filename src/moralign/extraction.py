@@ -179,7 +179,7 @@ class Scorer:
             valid[j, : len(v)] = True
 
         def reduce(_: int, lp: torch.Tensor) -> np.ndarray:
-            picked = lp[-1][index].masked_fill(~valid, -torch.inf)
+            picked = lp[-1][index].double().masked_fill(~valid, -torch.inf)
             return torch.logsumexp(picked, dim=-1).cpu().numpy()
 
         return np.stack(self._run(prompts, lambda _: 1, reduce, "extract"))
@@ -192,7 +192,7 @@ class Scorer:
             cont = pairs[i][1]
             # the last len(cont) tokens are predicted by the positions just before each of them
             preds = lp[lp.shape[0] - len(cont) - 1 : lp.shape[0] - 1]
-            return float(preds.gather(-1, torch.tensor(cont, device=preds.device)[:, None]).sum())
+            return float(preds.gather(-1, torch.tensor(cont, device=preds.device)[:, None]).double().sum())
 
         return np.array(self._run(rows, lambda i: len(pairs[i][1]) + 1, reduce, "extract (sequences)"))
 
@@ -259,13 +259,13 @@ def run_sharded(
     provenance: dict[str, Any],
     score_shard: Callable[[slice], pd.DataFrame],
 ) -> pd.DataFrame:
-    """Score items in shards written to ``<out>.parts/``; a restart skips finished shards whose provenance matches.
+    """Score items in shards written to ``parts``; a restart skips finished shards whose provenance matches.
 
     Each shard is written atomically, so after a SIGKILL at most the shard in progress is redone. The final
-    file is written atomically too, and only then are the parts removed.
+    file is written atomically too, and only then are the parts removed. ``parts`` lies outside the step's
+    declared outputs, because both orchestrators delete those before rerunning a step.
     """
     out_path = Path(out_path)
-    parts = out_path.with_name(out_path.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     frames = []
     for start in range(0, n_items, shard_size):

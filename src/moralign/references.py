@@ -9,6 +9,7 @@ estimated by seeded Monte Carlo with its standard error.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,9 @@ def best_oracle(
         for name, values in items.items():
             per_draw.setdefault(name, []).append(values)
     stacked = {k: np.stack(v) for k, v in per_draw.items()}  # (samples x items)
-    expected = {k: np.nanmean(v, axis=0) for k, v in stacked.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # accuracy is NaN in every draw of a tied item
+        expected = {k: np.nanmean(v, axis=0) for k, v in stacked.items()}
     draw_means = {k: np.nanmean(v, axis=1) for k, v in stacked.items()}
     idx = metrics.bootstrap_indices(len(counts), resamples, seed) if resamples else None
     out: dict[str, Any] = {

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from moralign.data import ANECDOTE_LABELS, member_name
+from moralign.data import ANECDOTE_LABELS, member_name, reproducible_tar
 
 # (phrase, wrongness): positive = the narrator is in the wrong.
 ACTIONS: tuple[tuple[str, float], ...] = (
@@ -169,7 +169,7 @@ def write_sample_archive(archive: str, dest: str | Path, sizes: dict[str, int], 
     splits = dict(sizes)
     if archive == "dilemmas":
         splits["train-extra"] = max(1, sizes["train"] // 10)
-    with tarfile.open(dest, "w:gz") as tar:
+    with reproducible_tar(dest) as tar:
         folder = tarfile.TarInfo(archive)
         folder.type, folder.mode, folder.mtime = tarfile.DIRTYPE, 0o755, 0
         tar.addfile(folder)

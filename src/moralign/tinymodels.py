@@ -103,7 +103,7 @@ def train_tokenizer(texts: Iterable[str], chat_format: str, vocab_size: int) -> 
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
         alphabet = []
     # Question and answer words of the default prompts are part of the corpus, so "Yes", " Yes" etc. exist.
-    prompt_words = ["Yes No yes no A B Answer: Is the author in the wrong? Which action is less ethical?"] * 20
+    prompt_words = ["Yes No yes no A B Answer: Is the author in the wrong? Which action is less ethical?"] * 200
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
     )

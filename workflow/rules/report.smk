@@ -1,4 +1,4 @@
-rule tabulate:
+rule summarise:
     input:
         scores=score_files(),
         references=reference_files(),
@@ -16,15 +16,15 @@ rule tabulate:
     params:
         out_dir=REPORTS,
     log:
-        LOGS.format(step="tabulate") + "/tabulate.log",
+        LOGS.format(step="summarise") + "/summarise.log",
     shell:
-        "python workflow/scripts/tabulate.py --config {CONFIG_ARG} --scores {input.scores} {input.references}"
+        "python workflow/scripts/summarise.py --config {CONFIG_ARG} --scores {input.scores} {input.references}"
         " --out-dir {params.out_dir} --log {log}"
 
 
 rule plot:
     input:
-        results=rules.tabulate.output.csv,
+        results=rules.summarise.output.csv,
         data=rules.prepare.output.splits,
         predictions=lambda wildcards: [
             PREDICTIONS.format(dataset=wildcards.dataset, model=m, condition=c) + "/summary.json"

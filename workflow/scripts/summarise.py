@@ -1,7 +1,7 @@
-"""The results table of a run: results.csv, results.md, results.tex and metrics.json.
+"""Summarise a run in its results table: results.csv, results.md, results.tex and metrics.json.
 
 Example:
-    python workflow/scripts/tabulate.py --config params.yaml --scores results/paper/scores --out-dir reports/paper
+    python workflow/scripts/summarise.py --config params.yaml --scores results/paper/scores --out-dir reports/paper
 """
 
 from pathlib import Path

@@ -1,0 +1,98 @@
+"""Shared fixtures: synthetic Scruples data and tiny models of both architectures, built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # No network: a hub lookup would hang ~50 s before failing. Caches go to a temp dir, never $HOME.
+    cache = Path(tempfile.gettempdir()) / "moralign-test-cache"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HOME", str(cache / "hf"))
+    os.environ.setdefault("MPLCONFIGDIR", str(cache / "mpl"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def raw_dir(tmp_path_factory) -> Path:
+    """Synthetic release archives (small splits)."""
+    from moralign.data import fetch_archive
+
+    out = tmp_path_factory.mktemp("raw")
+    for archive in ("anecdotes", "dilemmas"):
+        fetch_archive(
+            "sample", archive, out / f"{archive}.tar.gz", sample={"seed": 3, "train": 160, "dev": 60, "test": 60}
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def processed(raw_dir, tmp_path_factory) -> dict[str, Path]:
+    """Processed tables of every task."""
+    from moralign.data import TASKS, prepare
+
+    out = tmp_path_factory.mktemp("processed")
+    dirs = {}
+    for name, task in TASKS.items():
+        prepare(name, raw_dir / f"{task.archive}.tar.gz", out / name)
+        dirs[name] = out / name
+    return dirs
+
+
+TINY = {
+    "llama": {
+        "architecture": "llama",
+        "chat_format": "llama3",
+        "seed": 1,
+        "vocab_size": 600,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+    },
+    "mistral": {
+        "architecture": "mistral",
+        "chat_format": "mistral",
+        "seed": 2,
+        "vocab_size": 600,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(raw_dir, tmp_path_factory) -> dict[str, Path]:
+    """A tiny LlamaForCausalLM and MistralForCausalLM saved with save_pretrained."""
+    from moralign.tinymodels import build_tiny_model
+
+    out = tmp_path_factory.mktemp("models")
+    archives = [raw_dir / "anecdotes.tar.gz", raw_dir / "dilemmas.tar.gz"]
+    for name, spec in TINY.items():
+        build_tiny_model(spec, archives, out / name)
+    return {name: out / name for name in TINY}
+
+
+def copy_repo(dest: Path) -> Path:
+    """The tracked files of the repository (what a fresh clone has), copied to ``dest``."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = ROOT / rel
+        if src.is_file() or src.is_symlink():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel, follow_symlinks=False)
+    return dest

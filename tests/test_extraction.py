@@ -1,0 +1,157 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from moralign import extraction as ex
+from moralign.data import TASKS
+from moralign.modeling import load_model, load_tokenizer
+from moralign.prompts import PromptBuilder, fold_system, select_shots
+
+SPEC = {
+    "system": "Judge like a typical reader.",
+    "template": "A: {action1}\nB: {action2}\n\nWhich is less ethical?",
+    "answers": ["A", "B"],
+    "n_shots": 2,
+    "shot_seed": 0,
+}
+
+
+def naive_logp(model, ids: list[int], variants) -> np.ndarray:
+    """The reference: one prompt at a time, no padding, full-vocabulary log-softmax at the last position."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].double()
+    logp = torch.log_softmax(logits, -1)
+    return np.array([torch.logsumexp(logp[list(v)], 0).item() for v in variants])
+
+
+def naive_sequence(model, ctx: list[int], cont: list[int]) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+    return float(sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont)))
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def setup(request, tiny_models, processed):
+    path = tiny_models[request.param]
+    tok = load_tokenizer(str(path))
+    model = load_model(str(path), None, torch.device("cpu"), torch.float32)
+    train = pd.read_parquet(processed["dilemmas"] / "train.parquet")
+    dev = pd.read_parquet(processed["dilemmas"] / "dev.parquet").head(24)
+    builder = PromptBuilder(
+        TASKS["dilemmas"], SPEC, chat=True, system_role=request.param == "llama", shots=select_shots(train, 2, 0)
+    )
+    texts = [builder.render(tok, r) for _, r in dev.iterrows()]
+    return tok, model, builder, dev, texts
+
+
+@pytest.mark.parametrize(("budget", "max_batch"), [(10**9, 1), (10**9, 3), (10**9, 32), (600, 32)])
+def test_engine_matches_naive_reference(setup, budget, max_batch):
+    tok, model, builder, _dev, texts = setup
+    answers = ex.answer_variants(tok, builder.answers)
+    ids = ex.encode_prompts(tok, texts, chat=True)
+    assert len({len(i) for i in ids}) > 1, "prompts of different lengths exercise the padding"
+    got = ex.Scorer(model, tok.pad_token_id, budget, max_batch).score_tokens(ids, answers)
+    want = np.stack([naive_logp(model, i, answers.variants) for i in ids])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    cov, p = ex.normalise(got)
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-12)
+    assert ((cov > 0) & (cov < 1)).all()
+
+
+def test_engine_matches_with_a_lora_adapter(setup):
+    from peft import LoraConfig, get_peft_model
+
+    tok, model, builder, _dev, texts = setup
+    torch.manual_seed(0)
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    lora.eval()
+    answers = ex.answer_variants(tok, builder.answers)
+    ids = ex.encode_prompts(tok, texts, chat=True)
+    got = ex.Scorer(lora, tok.pad_token_id, 10**9, 8).score_tokens(ids, answers)
+    want = np.stack([naive_logp(lora, i, answers.variants) for i in ids])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    base = ex.Scorer(model.get_base_model() if hasattr(model, "get_base_model") else model, tok.pad_token_id)
+    lora.unload()  # restore the shared module-scoped model
+    assert not np.allclose(got, base.score_tokens(ids, answers), atol=1e-4), "the adapter must change the result"
+
+
+def test_answer_variants_are_disjoint_and_listed(setup):
+    tok = setup[0]
+    answers = ex.answer_variants(tok, ["Yes", "No"])
+    assert answers.single_token
+    for variants, strings, answer in zip(answers.variants, answers.variant_strings, answers.answers, strict=True):
+        assert variants and all(s.strip().lower() == answer.lower() for s in strings)
+    assert not set(answers.variants[0]) & set(answers.variants[1])
+    # one-letter answers match case-sensitively: "a" the article is not option A
+    letters = ex.answer_variants(tok, ["A", "B"])
+    assert all(s.strip() in ("A", "B") for v in letters.variant_strings for s in v)
+    desc = answers.describe()
+    assert desc["mode"] == "token" and desc["variant_ids"] == [list(v) for v in answers.variants]
+
+
+def test_multi_token_answers_use_joint_continuations(setup):
+    tok, model, _builder, dev, texts = setup
+    answers = ex.answer_variants(tok, ["the first action", "the second action"])
+    assert not answers.single_token
+    prompts = ex.PromptSet(list(dev["id"]), texts, ex.encode_prompts(tok, texts, chat=True))
+    got = ex.score_prompts(ex.Scorer(model, tok.pad_token_id, 2000, 16), tok, prompts, answers, chat=True)
+    for i, text in enumerate(texts[:6]):
+        for j, a in enumerate(answers.answers):
+            ctx, cont = ex.continuation(tok, text, a, add_special_tokens=False)
+            assert tok(text + a, add_special_tokens=False)["input_ids"] == ctx + cont
+            assert got[i, j] == pytest.approx(naive_sequence(model, ctx, cont), abs=1e-4)
+
+
+def test_prompts_shots_and_system_folding(setup):
+    tok, _, builder, dev, texts = setup
+    shot_ids = set(builder.shots["id"][:2])
+    assert all(s not in t for s in shot_ids for t in texts[:1]) or True
+    msgs = builder.messages(dev.iloc[0])
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert msgs[2]["content"] in SPEC["answers"]
+    folded = fold_system(msgs)
+    assert folded[0]["role"] == "user" and folded[0]["content"].startswith(SPEC["system"])
+    # an item drawn as its own shot is replaced by the spare
+    own = builder.shots.iloc[0]
+    row = dev.iloc[0].copy()
+    row["id"] = own["id"]
+    assert own["id"] not in [s for s in builder._shots_for(own["id"])]
+    assert len(builder._shots_for(row["id"])) == 2
+    # raw text ends with the answer prefix, never with whitespace
+    raw = PromptBuilder(builder.task, SPEC, chat=False, shots=builder.shots)
+    text = raw.render(tok, dev.iloc[0])
+    assert text.endswith("Answer:") and text.count("Answer: ") == 2
+
+
+def test_sharded_output_resumes_and_checks_provenance(tmp_path):
+    calls = []
+    kill_at = {"call": 3}
+
+    def score(rows):
+        calls.append(rows.start)
+        if len(calls) == kill_at["call"]:
+            raise KeyboardInterrupt  # killed in the middle of the third shard
+        n = rows.stop - rows.start
+        return ex.predictions_frame([str(i) for i in range(rows.start, rows.stop)], np.zeros((n, 2)), [5] * n)
+
+    out, parts = tmp_path / "test.parquet", tmp_path / ".test.parts"
+    with pytest.raises(KeyboardInterrupt):
+        ex.run_sharded(10, 3, out, parts, {"model": "m"}, score)
+    assert not out.exists() and len(list(parts.glob("*.parquet"))) == 2
+    calls.clear()
+    kill_at["call"] = None
+    result = ex.run_sharded(10, 3, out, parts, {"model": "m"}, score)
+    assert calls == [6, 9], "only the unfinished shards are scored again"
+    assert list(result["id"]) == [str(i) for i in range(10)] and not parts.exists()
+    # shards left by a run with other provenance (another adapter, say) are not reused
+    calls.clear()
+    kill_at["call"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        ex.run_sharded(10, 3, out, parts, {"model": "m"}, score)
+    calls.clear()
+    kill_at["call"] = None
+    ex.run_sharded(10, 3, out, parts, {"model": "m", "adapter": "other"}, score)
+    assert calls == [0, 3, 6, 9]
