@@ -39,7 +39,6 @@ PREDICTIONS = f"results/{RUN}/predictions/{{dataset}}/{{model}}/{{condition}}"
 SCORES = f"results/{RUN}/scores/{{dataset}}/{{model}}/{{condition}}.json"
 REFERENCES = f"results/{RUN}/scores/{{dataset}}/references.json"
 REPORTS = f"reports/{RUN}"
-LOGS = f"logs/{{step}}/{RUN}"
 SPLITS = ["train", "dev", "test"]
 
 
@@ -49,7 +48,7 @@ def lib(*modules):
 
 
 def section(*keys):
-    """The config sections a step reads, as a rule param: Snakemake reruns the step when they change."""
+    """Hash of the config sections a step reads; passed as a param so that Snakemake reruns it on a change."""
     return CFG.section_hash(*keys)
 
 

@@ -1,13 +1,14 @@
 rule download:
     output:
         archive=RAW,
-        sha256=RAW + ".sha256",
+        sha256=f"{RAW}.sha256",
     params:
+        config=CONFIG_ARG,
         settings=section("data"),
     log:
-        LOGS.format(step="download") + "/{archive}.log",
+        f"logs/download/{RUN}/{{archive}}.log",
     shell:
-        "python workflow/scripts/download.py --config {CONFIG_ARG} --archive {wildcards.archive}"
+        "python workflow/scripts/download.py --config {params.config} --archive {wildcards.archive}"
         " --out {output.archive} --log {log}"
 
 
@@ -16,13 +17,14 @@ rule prepare:
         archive=archive_of,
         code=lib("data"),
     output:
-        splits=expand(PROCESSED + "/{split}.parquet", split=SPLITS, allow_missing=True),
-        stats=PROCESSED + "/stats.json",
+        splits=expand(f"{PROCESSED}/{{split}}.parquet", split=SPLITS, allow_missing=True),
+        stats=f"{PROCESSED}/stats.json",
     params:
+        config=CONFIG_ARG,
         raw_dir=lambda wildcards, input: os.path.dirname(input.archive),
         out_dir=lambda wildcards, output: os.path.dirname(output.stats),
     log:
-        LOGS.format(step="prepare") + "/{dataset}.log",
+        f"logs/prepare/{RUN}/{{dataset}}.log",
     shell:
-        "python workflow/scripts/prepare.py --config {CONFIG_ARG} --dataset {wildcards.dataset}"
+        "python workflow/scripts/prepare.py --config {params.config} --dataset {wildcards.dataset}"
         " --raw-dir {params.raw_dir} --out-dir {params.out_dir} --log {log}"

@@ -5,9 +5,10 @@ rule extract:
         adapter=adapter_input,
         code=lib("extraction", "prompts", "modeling"),
     output:
-        predictions=expand(PREDICTIONS + "/{split}.parquet", split=CFG["extract"]["splits"], allow_missing=True),
-        summary=PREDICTIONS + "/summary.json",
+        predictions=expand(f"{PREDICTIONS}/{{split}}.parquet", split=CFG["extract"]["splits"], allow_missing=True),
+        summary=f"{PREDICTIONS}/summary.json",
     params:
+        config=CONFIG_ARG,
         settings=lambda wildcards: section("extract", f"prompts.{wildcards.dataset}", f"models.{wildcards.model}"),
         data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
@@ -16,9 +17,9 @@ rule extract:
         gpu=gpus("extract"),
     threads: 1
     log:
-        LOGS.format(step="extract") + "/{dataset}/{model}/{condition}.log",
+        f"logs/extract/{RUN}/{{dataset}}/{{model}}/{{condition}}.log",
     shell:
-        "python workflow/scripts/extract.py --config {CONFIG_ARG} --model {wildcards.model}"
+        "python workflow/scripts/extract.py --config {params.config} --model {wildcards.model}"
         " --dataset {wildcards.dataset} --condition {wildcards.condition} --data-dir {params.data_dir}"
         " --base {input.base} {params.adapter} --out-dir {params.out_dir} --threads {threads} --log {log}"
 
@@ -33,14 +34,15 @@ rule score:
         scores=SCORES,
         per_item=SCORES.replace(".json", ".items.parquet"),
     params:
+        config=CONFIG_ARG,
         settings=section("score", "experiment.eval_split"),
         data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
         predictions=lambda wildcards, input: os.path.dirname(input.predictions),
         baseline=lambda wildcards, input: f"--baseline {os.path.dirname(input.baseline[0])}" if input.baseline else "",
     log:
-        LOGS.format(step="score") + "/{dataset}/{model}/{condition}.log",
+        f"logs/score/{RUN}/{{dataset}}/{{model}}/{{condition}}.log",
     shell:
-        "python workflow/scripts/score.py --config {CONFIG_ARG} --dataset {wildcards.dataset}"
+        "python workflow/scripts/score.py --config {params.config} --dataset {wildcards.dataset}"
         " --condition {wildcards.condition} --data-dir {params.data_dir} --predictions {params.predictions}"
         " {params.baseline} --out {output.scores} --log {log}"
 
@@ -52,10 +54,11 @@ rule references:
     output:
         REFERENCES,
     params:
+        config=CONFIG_ARG,
         settings=section("score", "experiment.eval_split"),
         data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
     log:
-        LOGS.format(step="references") + "/{dataset}.log",
+        f"logs/references/{RUN}/{{dataset}}.log",
     shell:
-        "python workflow/scripts/references.py --config {CONFIG_ARG} --dataset {wildcards.dataset}"
+        "python workflow/scripts/references.py --config {params.config} --dataset {wildcards.dataset}"
         " --data-dir {params.data_dir} --out {output} --log {log}"

@@ -10,11 +10,12 @@ rule fetch_model:
     output:
         directory(BASE_MODEL),
     params:
+        config=CONFIG_ARG,
         settings=lambda wildcards: section(f"models.{wildcards.model}"),
     log:
-        LOGS.format(step="fetch_model") + "/{model}.log",
+        f"logs/fetch_model/{RUN}/{{model}}.log",
     shell:
-        "python workflow/scripts/fetch_model.py --config {CONFIG_ARG} --model {wildcards.model}"
+        "python workflow/scripts/fetch_model.py --config {params.config} --model {wildcards.model}"
         " --archives {input.archives} --out {output} --log {log}"
 
 
@@ -26,6 +27,7 @@ rule finetune:
     output:
         directory(ADAPTER),
     params:
+        config=CONFIG_ARG,
         settings=lambda wildcards: section(
             "finetune", f"recipes.{wildcards.recipe}", f"prompts.{wildcards.dataset}", f"models.{wildcards.model}"
         ),
@@ -34,8 +36,8 @@ rule finetune:
         gpu=gpus("finetune"),
     threads: 1
     log:
-        LOGS.format(step="finetune") + "/{dataset}/{model}/{recipe}.log",
+        f"logs/finetune/{RUN}/{{dataset}}/{{model}}/{{recipe}}.log",
     shell:
-        "python workflow/scripts/finetune.py --config {CONFIG_ARG} --model {wildcards.model}"
+        "python workflow/scripts/finetune.py --config {params.config} --model {wildcards.model}"
         " --dataset {wildcards.dataset} --recipe {wildcards.recipe} --data-dir {params.data_dir} --base {input.base}"
         " --out {output} --threads {threads} --log {log}"

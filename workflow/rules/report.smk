@@ -14,11 +14,12 @@ rule summarise:
         tex=f"{REPORTS}/results.tex",
         metrics=f"{REPORTS}/metrics.json",
     params:
-        out_dir=REPORTS,
+        config=CONFIG_ARG,
+        out_dir=lambda wildcards, output: os.path.dirname(output.csv),
     log:
-        LOGS.format(step="summarise") + "/summarise.log",
+        f"logs/summarise/{RUN}/summarise.log",
     shell:
-        "python workflow/scripts/summarise.py --config {CONFIG_ARG} --scores {input.scores} {input.references}"
+        "python workflow/scripts/summarise.py --config {params.config} --scores {input.scores} {input.references}"
         " --out-dir {params.out_dir} --log {log}"
 
 
@@ -27,7 +28,7 @@ rule plot:
         results=rules.summarise.output.csv,
         data=rules.prepare.output.splits,
         predictions=lambda wildcards: [
-            PREDICTIONS.format(dataset=wildcards.dataset, model=m, condition=c) + "/summary.json"
+            f"{PREDICTIONS.format(dataset=wildcards.dataset, model=m, condition=c)}/summary.json"
             for m in CFG.models
             for c in CFG.conditions
         ],
@@ -55,12 +56,13 @@ rule plot:
             allow_missing=True,
         ),
     params:
+        config=CONFIG_ARG,
         data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
         predictions=lambda wildcards, input: [os.path.dirname(p) for p in input.predictions],
-        out_dir=f"{REPORTS}/figures",
+        out_dir=lambda wildcards, output: os.path.dirname(output.reliability),
     log:
-        LOGS.format(step="plot") + "/{dataset}.log",
+        f"logs/plot/{RUN}/{{dataset}}.log",
     shell:
-        "python workflow/scripts/plot.py --config {CONFIG_ARG} --dataset {wildcards.dataset}"
+        "python workflow/scripts/plot.py --config {params.config} --dataset {wildcards.dataset}"
         " --results {input.results} --data-dir {params.data_dir} --predictions {params.predictions}"
         " --out-dir {params.out_dir} --log {log}"
