@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,11 @@ def pytest_configure(config):
     os.environ.setdefault("HF_HOME", str(cache / "hf"))
     os.environ.setdefault("MPLCONFIGDIR", str(cache / "mpl"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DVC_SITE_CACHE_DIR", str(cache / "dvc-site"))
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    for key, value in (("NAME", "moralign tests"), ("EMAIL", "tests@moralign.invalid")):
+        os.environ.setdefault(f"GIT_AUTHOR_{key}", value)
+        os.environ.setdefault(f"GIT_COMMITTER_{key}", value)
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +102,25 @@ def copy_repo(dest: Path) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel, follow_symlinks=False)
     return dest
+
+
+BIN = Path(sys.executable).parent
+
+
+def run(cmd, cwd, timeout=900, check=True) -> subprocess.CompletedProcess:
+    """Run a command (list, or str for the shell) with this environment's tools first on PATH."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, shell=isinstance(cmd, str)
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """A fresh copy of the repository after ``snakemake --cores 2 --configfile config/demo.yaml``."""
+    repo = copy_repo(tmp_path_factory.mktemp("snakemake") / "repo")
+    run(["snakemake", "--cores", "2", "--configfile", "config/demo.yaml"], repo, timeout=1800)
+    return repo

@@ -194,7 +194,10 @@ def collect_scores(
 
 
 def tabulate(cells: list[dict[str, Any]], refs: list[dict[str, Any]], out_dir: Path) -> pd.DataFrame:
-    """Write results.csv (long form), results.md, results.tex and metrics.json (for ``dvc metrics``)."""
+    """Write results.csv (long form), results.md, results.tex, differences.csv and metrics.json (DVC metrics).
+
+    ``differences.csv`` holds every fine-tuned − base paired difference with its paired-bootstrap interval.
+    """
     long = results_frame(cells, refs)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "results.csv") as tmp:
@@ -209,6 +212,15 @@ def tabulate(cells: list[dict[str, Any]], refs: list[dict[str, Any]], out_dir: P
         tmp.write_text(to_markdown(wide) + note)
     with atomic_path(out_dir / "results.tex") as tmp:
         tmp.write_text(to_latex(wide))
+    diffs = [
+        {"dataset": c["dataset"], "model": c["model"], "condition": c["condition"], "metric": m, **e}
+        for c in cells
+        for m, e in c.get("difference_to_base", {}).items()
+    ]
+    with atomic_path(out_dir / "differences.csv") as tmp:
+        pd.DataFrame(diffs, columns=["dataset", "model", "condition", "metric", "value", "low", "high"]).to_csv(
+            tmp, index=False
+        )
     nested: dict[str, Any] = {}
     for cell in cells:
         node = nested.setdefault(cell["dataset"], {}).setdefault(cell["model"], {})
@@ -282,41 +294,129 @@ def _save(fig: Any, stem: Path) -> list[Path]:
     return paths
 
 
-def reliability_figure(
-    pred_files: dict[str, Path], data_file: Path, dataset: str, out_stem: Path, bins: int = 10
-) -> list[Path]:
-    """Model probability of the first choice (binned) against the mean human probability, per condition."""
-    plt = _plt()
+def _load_cells(pred_files: dict[str, Path], data_file: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per cell label: (model p, human p, coverage) aligned by item id."""
     gold = pd.read_parquet(data_file)[["id", "human_probs"]]
-    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    out = {}
+    for label, path in pred_files.items():
+        m = pd.read_parquet(path).merge(gold, on="id", validate="one_to_one")
+        out[label] = (np.stack(m["p"].to_numpy()), np.stack(m["human_probs"].to_numpy()), m["coverage"].to_numpy())
+    return out
+
+
+def reliability_figure(
+    cells: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], choice: str, dataset: str, out_stem: Path,
+    bins: int = 10,
+) -> list[Path]:
+    """Model probability of one choice (binned) against the mean human probability, with bin counts."""
+    plt = _plt()
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect agreement")
     edges = np.linspace(0, 1, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
-    for k, (label, path) in enumerate(pred_files.items()):
-        m = pd.read_parquet(path).merge(gold, on="id")
-        p = np.stack(m["p"].to_numpy())[:, 0]
-        h = np.stack(m["human_probs"].to_numpy())[:, 0]
-        which = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+    width = 0.8 / bins / max(1, len(cells))
+    for k, (label, (p, h, _)) in enumerate(cells.items()):
+        which = np.clip(np.digitize(p[:, 0], edges) - 1, 0, bins - 1)
         counts = np.bincount(which, minlength=bins)
-        mean_h = np.bincount(which, weights=h, minlength=bins) / np.maximum(counts, 1)
+        mean_h = np.bincount(which, weights=h[:, 0], minlength=bins) / np.maximum(counts, 1)
         ok = counts > 0
-        ax.plot(centres[ok], mean_h[ok], marker="os^dv<>"[k % 7], color=COLOURS[k % len(COLOURS)], label=label)
-        axn.bar(
-            centres + (k - len(pred_files) / 2) * 0.8 / bins / max(1, len(pred_files)),
-            counts,
-            width=0.8 / bins / max(1, len(pred_files)),
-            color=COLOURS[k % len(COLOURS)],
-        )
-    ax.set_ylabel("mean human probability")
-    ax.set_title(f"{dataset}: model vs human probability of the first choice")
-    ax.legend(fontsize=8)
-    axn.set_xlabel("model probability of the first choice (binned)")
+        colour = COLOURS[k % len(COLOURS)]
+        ax.plot(centres[ok], mean_h[ok], marker="os^dv<>"[k % 7], color=colour, label=label,
+                linestyle=("-", "--", "-.", ":")[k % 4])
+        axn.bar(centres + (k - (len(cells) - 1) / 2) * width, counts, width=width, color=colour)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"mean human P({choice})")
+    ax.set_title(f"{dataset}: reliability of P({choice})")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    axn.set_xlabel(f"model P({choice}), in {bins} bins")
     axn.set_ylabel("items")
     return _save(fig, out_stem)
 
 
+def scatter_figure(
+    cells: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], choice: str, dataset: str, out_stem: Path
+) -> list[Path]:
+    """Per-item model vs human probability of one choice, one panel per (model, condition)."""
+    plt = _plt()
+    labels = list(cells)
+    models = list(dict.fromkeys(label.split(" / ")[0] for label in labels))
+    conditions = list(dict.fromkeys(label.split(" / ")[1] for label in labels))
+    fig, axes = plt.subplots(len(models), len(conditions), figsize=(2.6 * len(conditions) + 0.6, 2.5 * len(models)),
+                             sharex=True, sharey=True, squeeze=False)
+    for i, model in enumerate(models):
+        for j, cond in enumerate(conditions):
+            ax = axes[i][j]
+            p, h, _ = cells.get(f"{model} / {cond}", (np.zeros((0, 2)), np.zeros((0, 2)), None))
+            ax.hexbin(p[:, 0], h[:, 0], gridsize=15, extent=(0, 1, 0, 1), cmap="Greys", mincnt=1)
+            ax.plot([0, 1], [0, 1], color="#D55E00", linestyle=":", linewidth=1)
+            if len(p):
+                r = np.corrcoef(p[:, 0], h[:, 0])[0, 1] if p[:, 0].std() > 0 else float("nan")
+                ax.text(0.04, 0.9, f"r = {r:.2f}", transform=ax.transAxes, fontsize=8)
+            if i == 0:
+                ax.set_title(cond, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{model}\nhuman P({choice})", fontsize=8)
+            if i == len(models) - 1:
+                ax.set_xlabel(f"model P({choice})", fontsize=8)
+    fig.suptitle(f"{dataset}: per-item model vs human probability (darker = more items)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_stem)
+
+
+def coverage_figure(long: pd.DataFrame, dataset: str, out_stem: Path) -> list[Path]:
+    """Mean probability mass on valid answers per model and condition (log scale: small models put little there)."""
+    plt = _plt()
+    d = long[(long["dataset"] == dataset) & (long["metric"] == "coverage") & (long["kind"] == "model")]
+    names = sorted(d["model"].unique())
+    conditions = list(dict.fromkeys(d["condition"]))
+    width = 0.8 / max(1, len(conditions))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(names) + 2), 3.4))
+    for k, cond in enumerate(conditions):
+        sub = d[d["condition"] == cond].set_index("model").reindex(names)
+        x = np.arange(len(names)) + (k - (len(conditions) - 1) / 2) * width
+        ax.bar(x, sub["value"], width, label=cond, color=COLOURS[k % len(COLOURS)], hatch=HATCHES[k % len(HATCHES)],
+               edgecolor="black", linewidth=0.5)
+    ax.set_yscale("log")
+    ax.set_ylim(top=1.5)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel("coverage: P(any valid answer), log scale")
+    ax.set_title(f"{dataset}: probability mass on the valid answers")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return _save(fig, out_stem)
+
+
+def differences_figure(diffs: pd.DataFrame, dataset: str, out_stem: Path,
+                       metric_names: tuple[str, ...] = ("xentropy", "dirichlet", "total_variation")) -> list[Path]:
+    """Fine-tuned − base on the same items, with paired-bootstrap 95 % intervals (left of 0 = better)."""
+    plt = _plt()
+    d = diffs[(diffs["dataset"] == dataset) & diffs["metric"].isin(metric_names)]
+    fig, axes = plt.subplots(1, len(metric_names), figsize=(3.3 * len(metric_names), 0.5 * max(2, len(d) / 3) + 1.4),
+                             sharey=True, squeeze=False)
+    rows = list(dict.fromkeys(zip(d["model"], d["condition"], strict=True)))
+    for ax, metric in zip(axes[0], metric_names, strict=True):
+        sub = d[d["metric"] == metric].set_index(["model", "condition"])
+        for y, key in enumerate(rows):
+            if key not in sub.index:
+                continue
+            e = sub.loc[key]
+            ax.errorbar(e["value"], y, xerr=[[e["value"] - e["low"]], [e["high"] - e["value"]]], fmt="o",
+                        color=COLOURS[y % len(COLOURS)], capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8, linestyle=":")
+        ax.set_title(f"Δ {metric} ({'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)", fontsize=9)
+    axes[0][0].set_yticks(range(len(rows)), [f"{m} / {c}" for m, c in rows], fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"{dataset}: effect of fine-tuning (fine-tuned − base, paired 95 % CI)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_stem)
+
+
+FIGURES = ("xentropy_bars", "dirichlet_bars", "reliability", "scatter", "coverage", "differences")
+
+
 def plot_dataset(
-    results_csv: Path,
+    report_dir: Path,
     dataset: str,
     pred_dirs: list[Path],
     data_dir: Path,
@@ -325,11 +425,15 @@ def plot_dataset(
     models: list[str],
     conditions: list[str],
 ) -> list[Path]:
-    """Every figure of one dataset: bars for xentropy and dirichlet, and the reliability plot.
+    """Every figure of one dataset (:data:`FIGURES`), as PNG and PDF.
 
-    ``pred_dirs`` are prediction folders or folders above them; cells outside the run's experiment are skipped.
+    ``report_dir`` holds results.csv and differences.csv; ``pred_dirs`` are prediction folders or folders above
+    them; cells outside the run's experiment are skipped.
     """
-    long = pd.read_csv(results_csv)
+    from moralign.data import TASKS
+
+    long = pd.read_csv(report_dir / "results.csv")
+    diffs = pd.read_csv(report_dir / "differences.csv")
     paths = []
     for metric in ("xentropy", "dirichlet"):
         paths += bar_figure(long, dataset, metric, out_dir / f"{dataset}_{metric}_bars")
@@ -338,5 +442,12 @@ def plot_dataset(
         prov = read_json(summary)["provenance"]
         if prov["dataset"] == dataset and prov["model"] in models and prov["condition"] in conditions:
             preds[f"{prov['model']} / {prov['condition']}"] = summary.parent / f"{split}.parquet"
-    paths += reliability_figure(preds, data_dir / f"{split}.parquet", dataset, out_dir / f"{dataset}_reliability")
+    order = {c: k for k, c in enumerate(conditions)}
+    preds = dict(sorted(preds.items(), key=lambda kv: (kv[0].split(" / ")[0], order[kv[0].split(" / ")[1]])))
+    cells = _load_cells(preds, data_dir / f"{split}.parquet")
+    choice = TASKS[dataset].choices[0]
+    paths += reliability_figure(cells, choice, dataset, out_dir / f"{dataset}_reliability")
+    paths += scatter_figure(cells, choice, dataset, out_dir / f"{dataset}_scatter")
+    paths += coverage_figure(long, dataset, out_dir / f"{dataset}_coverage")
+    paths += differences_figure(diffs, dataset, out_dir / f"{dataset}_differences")
     return paths

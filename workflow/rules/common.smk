@@ -4,6 +4,7 @@ import re
 
 from moralign.config import CONDITION_BASE, load_config, validate
 from moralign.data import TASKS
+from moralign.reporting import FIGURES
 
 # The same files, merged the same way, reach every step through --config (Snakemake's configfile first,
 # then each --configfile overlay in order).
@@ -100,11 +101,11 @@ def reference_files():
 
 
 def figures():
-    kinds = ["xentropy_bars", "dirichlet_bars", "reliability"]
-    return [f"{REPORTS}/figures/{d}_{k}.png" for d in CFG.datasets for k in kinds]
+    return [f"{REPORTS}/figures/{d}_{k}.{ext}" for d in CFG.datasets for k in FIGURES for ext in ("png", "pdf")]
 
 
 def all_targets():
     """Everything a run produces: the table in every format, the DVC metrics file and every figure."""
-    table = [f"{REPORTS}/results.{ext}" for ext in ("csv", "md", "tex")] + [f"{REPORTS}/metrics.json"]
+    table = [f"{REPORTS}/{name}" for name in ("results.csv", "results.md", "results.tex", "differences.csv")]
+    table.append(f"{REPORTS}/metrics.json")
     return table + figures()

@@ -11,6 +11,12 @@ rule summarise:
             labels={"table": "long form (CSV)"},
         ),
         md=f"{REPORTS}/results.md",
+        differences=report(
+            f"{REPORTS}/differences.csv",
+            caption="../report/differences_table.rst",
+            category="Results table",
+            labels={"table": "fine-tuned minus base (CSV)"},
+        ),
         tex=f"{REPORTS}/results.tex",
         metrics=f"{REPORTS}/metrics.json",
     params:
@@ -26,6 +32,7 @@ rule summarise:
 rule plot:
     input:
         results=rules.summarise.output.csv,
+        differences=rules.summarise.output.differences,
         data=rules.prepare.output.splits,
         predictions=lambda wildcards: [
             f"{PREDICTIONS.format(dataset=wildcards.dataset, model=m, condition=c)}/summary.json"
@@ -34,35 +41,22 @@ rule plot:
         ],
         code=lib("reporting"),
     output:
-        bars=report(
-            expand(
-                f"{REPORTS}/figures/{{dataset}}_{{metric}}_bars.png",
-                metric=["xentropy", "dirichlet"],
-                allow_missing=True,
-            ),
-            caption="../report/bars.rst",
+        figures=report(
+            expand(f"{REPORTS}/figures/{{dataset}}_{{kind}}.png", kind=FIGURES, allow_missing=True),
+            caption="../report/figures.rst",
             category="Figures",
             subcategory="{dataset}",
         ),
-        reliability=report(
-            f"{REPORTS}/figures/{{dataset}}_reliability.png",
-            caption="../report/reliability.rst",
-            category="Figures",
-            subcategory="{dataset}",
-        ),
-        pdf=expand(
-            f"{REPORTS}/figures/{{dataset}}_{{kind}}.pdf",
-            kind=["xentropy_bars", "dirichlet_bars", "reliability"],
-            allow_missing=True,
-        ),
+        pdf=expand(f"{REPORTS}/figures/{{dataset}}_{{kind}}.pdf", kind=FIGURES, allow_missing=True),
     params:
         config=CONFIG_ARG,
+        report_dir=lambda wildcards, input: os.path.dirname(input.results),
         data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
         predictions=lambda wildcards, input: [os.path.dirname(p) for p in input.predictions],
-        out_dir=lambda wildcards, output: os.path.dirname(output.reliability),
+        out_dir=lambda wildcards, output: os.path.dirname(output.figures[0]),
     log:
         f"logs/plot/{RUN}/{{dataset}}.log",
     shell:
         "python workflow/scripts/plot.py --config {params.config} --dataset {wildcards.dataset}"
-        " --results {input.results} --data-dir {params.data_dir} --predictions {params.predictions}"
+        " --report-dir {params.report_dir} --data-dir {params.data_dir} --predictions {params.predictions}"
         " --out-dir {params.out_dir} --log {log}"

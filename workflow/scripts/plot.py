@@ -1,7 +1,7 @@
-"""Figures of one dataset: before/after bars with intervals and BEST/uniform levels, and a reliability plot.
+"""Figures of one dataset: bars with BEST/uniform levels, reliability, per-item scatter, coverage, differences.
 
 Example:
-    python workflow/scripts/plot.py --config params.yaml --dataset dilemmas --results reports/paper/results.csv \
+    python workflow/scripts/plot.py --config params.yaml --dataset dilemmas --report-dir reports/paper \
         --data-dir data/paper/processed/dilemmas --predictions results/paper/predictions/dilemmas \
         --out-dir reports/paper/figures
 """
@@ -14,7 +14,7 @@ from moralign import cli, reporting
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--results", required=True, type=Path)
+    p.add_argument("--report-dir", required=True, type=Path, help="folder of results.csv and differences.csv")
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--predictions", required=True, nargs="+", type=Path)
     p.add_argument("--out-dir", required=True, type=Path)
@@ -22,7 +22,7 @@ def main(argv=None):
     cfg = cli.start(args)
     split = cfg["experiment"]["eval_split"]
     reporting.plot_dataset(
-        args.results, args.dataset, args.predictions, args.data_dir, split, args.out_dir, cfg.models, cfg.conditions
+        args.report_dir, args.dataset, args.predictions, args.data_dir, split, args.out_dir, cfg.models, cfg.conditions
     )
 
 
