@@ -45,13 +45,18 @@ def setup(request, tiny_models, processed):
     return tok, model, builder, dev, texts
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("reuse_prefix", [True, False])
 @pytest.mark.parametrize(("budget", "max_batch"), [(10**9, 1), (10**9, 3), (10**9, 32), (600, 32)])
-def test_engine_matches_naive_reference(setup, budget, max_batch):
+def test_engine_matches_naive_reference(setup, budget, max_batch, reuse_prefix, padding_side):
     tok, model, builder, _dev, texts = setup
     answers = ex.answer_variants(tok, builder.answers)
     ids = ex.encode_prompts(tok, texts, chat=True)
     assert len({len(i) for i in ids}) > 1, "prompts of different lengths exercise the padding"
-    got = ex.Scorer(model, tok.pad_token_id, budget, max_batch).score_tokens(ids, answers)
+    # system text and two shots: every prompt shares a long prefix
+    assert ex.common_prefix_length(ids) >= 32
+    scorer = ex.Scorer(model, tok.pad_token_id, budget, max_batch, padding_side=padding_side, reuse_prefix=reuse_prefix)
+    got = scorer.score_tokens(ids, answers)
     want = np.stack([naive_logp(model, i, answers.variants) for i in ids])
     np.testing.assert_allclose(got, want, atol=1e-5)
     cov, p = ex.normalise(got)
@@ -70,7 +75,7 @@ def test_engine_matches_with_a_lora_adapter(setup):
     lora.eval()
     answers = ex.answer_variants(tok, builder.answers)
     ids = ex.encode_prompts(tok, texts, chat=True)
-    got = ex.Scorer(lora, tok.pad_token_id, 10**9, 8).score_tokens(ids, answers)
+    got = ex.Scorer(lora, tok.pad_token_id, 10**9, 8).score_tokens(ids, answers)  # prefix reuse on
     want = np.stack([naive_logp(lora, i, answers.variants) for i in ids])
     np.testing.assert_allclose(got, want, atol=1e-5)
     base = ex.Scorer(model.get_base_model() if hasattr(model, "get_base_model") else model, tok.pad_token_id)
@@ -98,6 +103,14 @@ def test_multi_token_answers_use_joint_continuations(setup):
     assert not answers.single_token
     prompts = ex.PromptSet(list(dev["id"]), texts, ex.encode_prompts(tok, texts, chat=True))
     got = ex.score_prompts(ex.Scorer(model, tok.pad_token_id, 2000, 16), tok, prompts, answers, chat=True)
+    one = ex.score_prompts(
+        ex.Scorer(model, tok.pad_token_id, 2000, 16),
+        tok,
+        ex.PromptSet(prompts.ids[:1], texts[:1], prompts.token_ids[:1]),
+        answers,
+        chat=True,
+    )
+    np.testing.assert_allclose(one[0], got[0], atol=1e-5)  # one item: the choices' shared words stay scored
     for i, text in enumerate(texts[:6]):
         for j, a in enumerate(answers.answers):
             ctx, cont = ex.continuation(tok, text, a, add_special_tokens=False)

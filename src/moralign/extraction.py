@@ -16,6 +16,7 @@ padded row sees exactly the positions it would see alone (results do not depend 
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -118,50 +119,118 @@ def make_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int)
     return batches
 
 
-class Scorer:
-    """Batched log-probabilities of answer tokens after prompts, for one model."""
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix shared by every row."""
+    if not rows:
+        return 0
+    first, n = rows[0], min(len(r) for r in rows)
+    for k in range(n):
+        token = first[k]
+        if any(r[k] != token for r in rows):
+            return k
+    return n
 
-    def __init__(self, model: Any, pad_id: int, token_budget: int = 16384, max_batch_size: int = 64) -> None:
+
+class Scorer:
+    """Batched log-probabilities of answer tokens after prompts, for one model.
+
+    ``padding_side="left"`` (the default) reads the answer position as the last one and lets the model compute
+    logits only there; ``"right"`` reads each row's last real token from full logits (slower, for checking).
+    With ``reuse_prefix``, a prefix shared by every prompt of a call (system text, few-shot examples) of at
+    least ``min_prefix`` tokens is run once and its key/value cache reused by every batch.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        pad_id: int,
+        token_budget: int = 16384,
+        max_batch_size: int = 64,
+        padding_side: str = "left",
+        reuse_prefix: bool = True,
+        min_prefix: int = 32,
+    ) -> None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         self.model = model
         self.pad_id = pad_id
         self.token_budget = token_budget
         self.max_batch_size = max_batch_size
+        self.padding_side = padding_side
+        self.reuse_prefix = reuse_prefix
+        self.min_prefix = min_prefix
         self.device = next(model.parameters()).device
 
-    def _forward(self, rows: list[list[int]], keep: int) -> torch.Tensor:
-        """Log-softmax over the vocabulary at the last ``keep`` positions of each (left-padded) row."""
+    def _batch(self, rows: list[list[int]], prefix_len: int) -> dict[str, torch.Tensor]:
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for k, r in enumerate(rows):
-            ids[k, width - len(r) :] = torch.tensor(r)
-            mask[k, width - len(r) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False
-        )
-        return torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)
+            span = slice(width - len(r), width) if self.padding_side == "left" else slice(0, len(r))
+            ids[k, span] = torch.tensor(r)
+            mask[k, span] = 1
+        # positions from the mask: a padded row sees exactly the positions it would see alone
+        positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
+        if prefix_len:
+            mask = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long), mask], dim=1)
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "position_ids": positions.to(self.device),
+        }
 
-    def _run(self, rows: list[list[int]], keep_of: Callable[[list[int]], int], reduce: Callable, desc: str):
+    def _forward(self, rows: list[list[int]], keep: int, prefix: tuple[int, Any] | None) -> torch.Tensor:
+        """Log-softmax over the vocabulary at the last ``keep`` real positions of each row."""
+        prefix_len, cache = prefix if prefix else (0, None)
+        batch = self._batch(rows, prefix_len)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if cache is not None:
+            cache = copy.deepcopy(cache)
+            cache.batch_repeat_interleave(len(rows))
+            kwargs = {"cache": cache, "use_cache": True}
+        if self.padding_side == "left":
+            out = self.model(**batch, logits_to_keep=keep, **kwargs)
+            return torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)
+        logits = self.model(**batch, **kwargs).logits
+        ends = torch.tensor([len(r) for r in rows], device=logits.device)
+        index = (ends[:, None] - keep + torch.arange(keep, device=logits.device)[None, :]).clamp(min=0)
+        picked = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
+        return torch.log_softmax(picked.float(), dim=-1)
+
+    def _prefix(self, rows: list[list[int]], keeps: list[int]) -> tuple[list[list[int]], tuple[int, Any] | None]:
+        """Split off a long shared prefix and compute its cache once (the positions read stay after it)."""
+        if not self.reuse_prefix:
+            return rows, None
+        n = min(common_prefix_length(rows), min(len(r) - k for r, k in zip(rows, keeps, strict=True)))
+        if n < self.min_prefix:
+            return rows, None
+        with torch.inference_mode():
+            ids = torch.tensor([rows[0][:n]], device=self.device)
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        return [r[n:] for r in rows], (n, cache)
+
+    def _run(self, rows: list[list[int]], keep_of: Callable[[int], int], reduce: Callable, desc: str):
+        rows, prefix = self._prefix(rows, [keep_of(i) for i in range(len(rows))])
         results: list[Any] = [None] * len(rows)
-        budget = self.token_budget
-        batches = make_batches([len(r) for r in rows], budget, self.max_batch_size)
-        queue = list(reversed(batches))
+        queue = list(reversed(make_batches([len(r) for r in rows], self.token_budget, self.max_batch_size)))
         with tqdm(total=len(rows), desc=desc, unit="prompt", leave=False, mininterval=2) as bar:
             while queue:
                 batch = queue.pop()
                 try:
                     with torch.inference_mode():
                         keep = max(keep_of(i) for i in batch)
-                        logprobs = self._forward([rows[i] for i in batch], keep)
+                        logprobs = self._forward([rows[i] for i in batch], keep, prefix)
                 except torch.OutOfMemoryError:
                     if len(batch) == 1:
                         raise
-                    budget //= 2
-                    log.warning("CUDA out of memory with %d rows; token budget halved to %d", len(batch), budget)
+                    # halve the budget for the rest of the run and retry this batch in smaller pieces
+                    self.token_budget //= 2
+                    log.warning(
+                        "CUDA out of memory with %d rows; token budget halved to %d", len(batch), self.token_budget
+                    )
                     torch.cuda.empty_cache()
-                    sub = make_batches([len(rows[i]) for i in batch], budget, self.max_batch_size)
+                    sub = make_batches([len(rows[i]) for i in batch], self.token_budget, self.max_batch_size)
                     queue += [[batch[j] for j in s] for s in reversed(sub)]
                     continue
                 for k, i in enumerate(batch):

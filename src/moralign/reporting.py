@@ -305,7 +305,10 @@ def _load_cells(pred_files: dict[str, Path], data_file: Path) -> dict[str, tuple
 
 
 def reliability_figure(
-    cells: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], choice: str, dataset: str, out_stem: Path,
+    cells: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    choice: str,
+    dataset: str,
+    out_stem: Path,
     bins: int = 10,
 ) -> list[Path]:
     """Model probability of one choice (binned) against the mean human probability, with bin counts."""
@@ -321,8 +324,14 @@ def reliability_figure(
         mean_h = np.bincount(which, weights=h[:, 0], minlength=bins) / np.maximum(counts, 1)
         ok = counts > 0
         colour = COLOURS[k % len(COLOURS)]
-        ax.plot(centres[ok], mean_h[ok], marker="os^dv<>"[k % 7], color=colour, label=label,
-                linestyle=("-", "--", "-.", ":")[k % 4])
+        ax.plot(
+            centres[ok],
+            mean_h[ok],
+            marker="os^dv<>"[k % 7],
+            color=colour,
+            label=label,
+            linestyle=("-", "--", "-.", ":")[k % 4],
+        )
         axn.bar(centres + (k - (len(cells) - 1) / 2) * width, counts, width=width, color=colour)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -342,8 +351,14 @@ def scatter_figure(
     labels = list(cells)
     models = list(dict.fromkeys(label.split(" / ")[0] for label in labels))
     conditions = list(dict.fromkeys(label.split(" / ")[1] for label in labels))
-    fig, axes = plt.subplots(len(models), len(conditions), figsize=(2.6 * len(conditions) + 0.6, 2.5 * len(models)),
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(models),
+        len(conditions),
+        figsize=(2.6 * len(conditions) + 0.6, 2.5 * len(models)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
     for i, model in enumerate(models):
         for j, cond in enumerate(conditions):
             ax = axes[i][j]
@@ -375,8 +390,16 @@ def coverage_figure(long: pd.DataFrame, dataset: str, out_stem: Path) -> list[Pa
     for k, cond in enumerate(conditions):
         sub = d[d["condition"] == cond].set_index("model").reindex(names)
         x = np.arange(len(names)) + (k - (len(conditions) - 1) / 2) * width
-        ax.bar(x, sub["value"], width, label=cond, color=COLOURS[k % len(COLOURS)], hatch=HATCHES[k % len(HATCHES)],
-               edgecolor="black", linewidth=0.5)
+        ax.bar(
+            x,
+            sub["value"],
+            width,
+            label=cond,
+            color=COLOURS[k % len(COLOURS)],
+            hatch=HATCHES[k % len(HATCHES)],
+            edgecolor="black",
+            linewidth=0.5,
+        )
     ax.set_yscale("log")
     ax.set_ylim(top=1.5)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
@@ -387,13 +410,22 @@ def coverage_figure(long: pd.DataFrame, dataset: str, out_stem: Path) -> list[Pa
     return _save(fig, out_stem)
 
 
-def differences_figure(diffs: pd.DataFrame, dataset: str, out_stem: Path,
-                       metric_names: tuple[str, ...] = ("xentropy", "dirichlet", "total_variation")) -> list[Path]:
+def differences_figure(
+    diffs: pd.DataFrame,
+    dataset: str,
+    out_stem: Path,
+    metric_names: tuple[str, ...] = ("xentropy", "dirichlet", "total_variation"),
+) -> list[Path]:
     """Fine-tuned − base on the same items, with paired-bootstrap 95 % intervals (left of 0 = better)."""
     plt = _plt()
     d = diffs[(diffs["dataset"] == dataset) & diffs["metric"].isin(metric_names)]
-    fig, axes = plt.subplots(1, len(metric_names), figsize=(3.3 * len(metric_names), 0.5 * max(2, len(d) / 3) + 1.4),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(metric_names),
+        figsize=(3.3 * len(metric_names), 0.5 * max(2, len(d) / 3) + 1.4),
+        sharey=True,
+        squeeze=False,
+    )
     rows = list(dict.fromkeys(zip(d["model"], d["condition"], strict=True)))
     for ax, metric in zip(axes[0], metric_names, strict=True):
         sub = d[d["metric"] == metric].set_index(["model", "condition"])
@@ -401,8 +433,14 @@ def differences_figure(diffs: pd.DataFrame, dataset: str, out_stem: Path,
             if key not in sub.index:
                 continue
             e = sub.loc[key]
-            ax.errorbar(e["value"], y, xerr=[[e["value"] - e["low"]], [e["high"] - e["value"]]], fmt="o",
-                        color=COLOURS[y % len(COLOURS)], capsize=3)
+            ax.errorbar(
+                e["value"],
+                y,
+                xerr=[[e["value"] - e["low"]], [e["high"] - e["value"]]],
+                fmt="o",
+                color=COLOURS[y % len(COLOURS)],
+                capsize=3,
+            )
         ax.axvline(0, color="black", linewidth=0.8, linestyle=":")
         ax.set_title(f"Δ {metric} ({'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)", fontsize=9)
     axes[0][0].set_yticks(range(len(rows)), [f"{m} / {c}" for m, c in rows], fontsize=8)
