@@ -229,19 +229,20 @@ def wrap_lora(model: Any, settings: dict[str, Any], quantized: bool) -> Any:
 
 
 def train(trainer: Any, checkpoints: Path) -> dict[str, Any]:
-    """Run (or resume) training; returns steps, wall time and the best dev xentropy."""
-    resume = any(checkpoints.glob("checkpoint-*"))
-    if resume:
-        log.info("resuming from the last checkpoint in %s", checkpoints)
+    """Run (or resume, from the last checkpoint in ``checkpoints``) training; returns steps, time and best dev."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last:
+        log.info("resuming from the last checkpoint, %s", last)
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=last)
+    best = trainer.state.best_model_checkpoint
     return {
         "steps": trainer.state.global_step,
         "wall_seconds": round(time.perf_counter() - t0, 2),
         "best_dev_xentropy": trainer.state.best_metric,
-        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
-        if trainer.state.best_model_checkpoint
-        else None,
+        "best_checkpoint": Path(best).name if best else None,
+        "resumed_from_step": int(Path(last).name.split("-")[-1]) if last else None,
         "log_history": trainer.state.log_history,
-        "resumed": resume,
     }
