@@ -35,8 +35,10 @@ def main() -> None:
         t0 = time.perf_counter()
         best = references.best_oracle(counts, alpha, samples=args.samples, seed=0, resamples=0)
         best_s = time.perf_counter() - t0
-        print(f"== {name} dev: {counts.shape[0]} items x {counts.shape[1]} labels "
-              f"(fit {fit_s:.2f} s, BEST {args.samples} draws {best_s:.2f} s)")
+        print(
+            f"== {name} dev: {counts.shape[0]} items x {counts.shape[1]} labels "
+            f"(fit {fit_s:.2f} s, BEST {args.samples} draws {best_s:.2f} s)"
+        )
         print(f"  alpha_hat          {np.round(alpha, 3).tolist()}   expected {expected['alpha']}")
         for metric in ("xentropy", "accuracy"):
             value, se = best["metrics"][metric]["value"], best["mc_se"][metric]
@@ -51,8 +53,10 @@ def main() -> None:
     logp = np.log(rng.dirichlet(np.ones(2), size=2500))
     t0 = time.perf_counter()
     metrics.summarise(counts, logp, np.ones(2500), None, resamples=1000, seed=0)
-    print(f"== bootstrap: 1,000 resamples x 2,500 items, all {len(metrics.METRICS)} metrics: "
-          f"{time.perf_counter() - t0:.3f} s")
+    print(
+        f"== bootstrap: 1,000 resamples x 2,500 items, all {len(metrics.METRICS)} metrics: "
+        f"{time.perf_counter() - t0:.3f} s"
+    )
 
 
 if __name__ == "__main__":

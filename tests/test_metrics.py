@@ -129,3 +129,14 @@ def test_best_recovers_a_known_prior_and_beats_everything():
     prior = metrics.constant_prediction(references.vote_marginal(counts), len(counts))
     h = counts / counts.sum(1, keepdims=True)
     assert best["metrics"]["xentropy"]["value"] < metrics.xentropy(h, prior).mean()
+
+
+def test_paired_macro_f1_difference():
+    rng = np.random.default_rng(7)
+    counts = rng.integers(0, 6, size=(400, 2)) + 1
+    h = counts / counts.sum(1, keepdims=True)
+    noisy = np.log(rng.dirichlet(np.ones(2), size=400))
+    same = metrics.paired_macro_f1_difference(counts, noisy, noisy, resamples=200)
+    assert same == {"value": 0.0, "low": 0.0, "high": 0.0}
+    better = metrics.paired_macro_f1_difference(counts, noisy, np.log(np.clip(h, 1e-3, 1)), resamples=200)
+    assert better["low"] > 0

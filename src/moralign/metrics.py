@@ -176,16 +176,7 @@ def summarise(
     for name, values in items.items():
         value, reps = _mean_metric(values, idx)
         out["metrics"][name] = entry(value, reps)
-    labels = majority_labels(counts)
-    pred = logp.argmax(axis=1)
-    keep = labels >= 0
-    f1 = float(macro_f1_from_labels(pred[keep], labels[keep], counts.shape[1]))
-    reps = None
-    if idx is not None:
-        true_b, pred_b = labels[idx], pred[idx]
-        # tied items are excluded from every resample by giving them a label no class matches
-        pred_b = np.where(true_b >= 0, pred_b, -2)
-        reps = macro_f1_from_labels(pred_b, true_b, counts.shape[1])
+    f1, reps = _macro_f1_replicates(counts, logp, idx)
     out["metrics"]["macro_f1"] = entry(f1, reps)
     out["per_item"] = items
     return out
@@ -208,6 +199,30 @@ def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 1000, seed:
     reps = np.nanmean(diff[bootstrap_indices(len(diff), resamples, seed)], axis=1)
     lo, hi = interval(reps)
     return {"value": value, "low": lo, "high": hi}
+
+
+def _macro_f1_replicates(
+    counts: np.ndarray, logp: np.ndarray, idx: np.ndarray | None
+) -> tuple[float, np.ndarray | None]:
+    labels, pred = majority_labels(counts), logp.argmax(axis=1)
+    keep = labels >= 0
+    value = float(macro_f1_from_labels(pred[keep], labels[keep], counts.shape[1]))
+    if idx is None:
+        return value, None
+    true_b = labels[idx]
+    # tied items are excluded from every resample by giving them a prediction no class matches
+    pred_b = np.where(true_b >= 0, pred[idx], -2)
+    return value, macro_f1_from_labels(pred_b, true_b, counts.shape[1])
+
+
+def paired_macro_f1_difference(
+    counts: np.ndarray, logp_a: np.ndarray, logp_b: np.ndarray, resamples: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """macro-F1 of b minus a on the same items, with a paired bootstrap 95 % interval."""
+    idx = bootstrap_indices(len(counts), resamples, seed) if resamples else None
+    a, reps_a = _macro_f1_replicates(counts, logp_a, idx)
+    b, reps_b = _macro_f1_replicates(counts, logp_b, idx)
+    return entry(b - a, None if idx is None else reps_b - reps_a)
 
 
 def log_probs(p: np.ndarray) -> np.ndarray:

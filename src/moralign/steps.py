@@ -321,6 +321,9 @@ def score(
             name: metrics.paired_difference(base_items[name], per_item[name], s["bootstrap_resamples"], s["seed"])
             for name in per_item
         }
+        result["difference_to_base"]["macro_f1"] = metrics.paired_macro_f1_difference(
+            counts, b_logp, logp, s["bootstrap_resamples"], s["seed"]
+        )
     write_json(out, result)
     write_parquet(
         out.with_suffix(".items.parquet"),
