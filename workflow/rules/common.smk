@@ -8,7 +8,7 @@ from moralign.reporting import FIGURES
 
 # The same files, merged the same way, reach every step through --config (Snakemake's configfile first,
 # then each --configfile overlay in order).
-CONFIG_FILES = list(dict.fromkeys(["params.yaml", *map(str, workflow.overwrite_configfiles)]))
+CONFIG_FILES = list(dict.fromkeys(["params.yaml", *(os.path.relpath(f) for f in workflow.overwrite_configfiles)]))
 CFG = load_config(CONFIG_FILES)
 if validate(config).data != CFG.data:
     raise WorkflowError(
