@@ -68,20 +68,8 @@ def timed(fn, repeats: int) -> float:
 def ceiling(model, rows: list[list[int]], budget: int, max_batch: int) -> None:
     """The bare forward passes the engine's batches need, with nothing else."""
     for batch in ex.make_batches([len(r) for r in rows], budget, max_batch):
-        width = max(len(rows[i]) for i in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, i in enumerate(batch):
-            ids[k, width - len(rows[i]) :] = torch.tensor(rows[i])
-            mask[k, width - len(rows[i]) :] = 1
         with torch.inference_mode():
-            model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                logits_to_keep=1,
-                use_cache=False,
-            )
+            model(**ex.pad_batch([rows[i] for i in batch], 0), logits_to_keep=1, use_cache=False)
 
 
 def naive(model, rows: list[list[int]]) -> None:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from common import LLAMA_31_8B, TINY, Timer, peak_flops, random_llama
 
-from moralign.extraction import AnswerTokens
-from moralign.training import choice_index, choice_logprobs, left_pad, wrap_lora
+from moralign.extraction import AnswerTokens, pad_batch
+from moralign.training import choice_index, choice_logprobs, wrap_lora
 
 
 def run(variant: str, args, device: torch.device) -> None:
@@ -46,7 +46,7 @@ def run(variant: str, args, device: torch.device) -> None:
     rng = np.random.default_rng(0)
     length = args.length // (4 if args.tiny else 1)
     batches = [
-        left_pad([rng.integers(10, shape["vocab_size"], size=length).tolist() for _ in range(args.batch_size)], 0)
+        pad_batch([rng.integers(10, shape["vocab_size"], size=length).tolist() for _ in range(args.batch_size)], 0)
         for _ in range(args.steps + 1)
     ]
     target = torch.tensor([[0.7, 0.3]] * args.batch_size, device=device)

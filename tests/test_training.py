@@ -41,7 +41,7 @@ def test_soft_objective_is_the_metric(tiny_models, processed):
     ids = ex.encode_prompts(tok, [builder.render(tok, r) for _, r in frame.iterrows()], chat=True)
     answers = ex.answer_variants(tok, spec["answers"])
     index, valid = training.choice_index(answers, torch.device("cpu"))
-    batch = training.left_pad(ids, tok.pad_token_id)
+    batch = ex.pad_batch(ids, tok.pad_token_id)
     with torch.no_grad():
         logits = model(**batch, logits_to_keep=1).logits[:, -1]
     p_train = training.choice_logprobs(logits, index, valid).exp().numpy()

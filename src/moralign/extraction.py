@@ -131,6 +131,28 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def pad_batch(
+    rows: Sequence[Sequence[int]], pad_id: int, side: str = "left", prefix_len: int = 0
+) -> dict[str, torch.Tensor]:
+    """Padded ids, attention mask and mask-derived position ids.
+
+    Position ids count real tokens only, so a padded row sees exactly the positions it would see alone
+    (transformers otherwise numbers positions from the left edge, padding included). ``prefix_len`` > 0 means
+    the rows continue a cached prefix of that many tokens: the mask covers it and positions start after it.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[k, span] = torch.tensor(list(r))
+        mask[k, span] = 1
+    positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
+    if prefix_len:
+        mask = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long), mask], dim=1)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
 class Scorer:
     """Batched log-probabilities of answer tokens after prompts, for one model.
 
@@ -162,22 +184,8 @@ class Scorer:
         self.device = next(model.parameters()).device
 
     def _batch(self, rows: list[list[int]], prefix_len: int) -> dict[str, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, r in enumerate(rows):
-            span = slice(width - len(r), width) if self.padding_side == "left" else slice(0, len(r))
-            ids[k, span] = torch.tensor(r)
-            mask[k, span] = 1
-        # positions from the mask: a padded row sees exactly the positions it would see alone
-        positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
-        if prefix_len:
-            mask = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long), mask], dim=1)
-        return {
-            "input_ids": ids.to(self.device),
-            "attention_mask": mask.to(self.device),
-            "position_ids": positions.to(self.device),
-        }
+        batch = pad_batch(rows, self.pad_id, self.padding_side, prefix_len)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def _forward(self, rows: list[list[int]], keep: int, prefix: tuple[int, Any] | None) -> torch.Tensor:
         """Log-softmax over the vocabulary at the last ``keep`` real positions of each row."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moralign.extraction import AnswerTokens, Scorer, continuation, normalise
+from moralign.extraction import AnswerTokens, Scorer, continuation, normalise, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +60,6 @@ def choice_logprobs(last_logits: torch.Tensor, index: torch.Tensor, valid: torch
     return torch.log_softmax(logp_choice, dim=-1)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded ids, mask and mask-derived positions (the answer position is then always the last)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for k, r in enumerate(rows):
-        ids[k, width - len(r) :] = torch.tensor(list(r))
-        mask[k, width - len(r) :] = 1
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-
-
 @dataclass
 class SoftCollator:
     """Batches prompts with their target distributions for the ``soft`` recipe."""
@@ -80,7 +68,7 @@ class SoftCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Left-padded prompts plus a ``target`` (batch x choices) tensor."""
-        batch = left_pad([f["input_ids"] for f in features], self.pad_id)
+        batch = pad_batch([f["input_ids"] for f in features], self.pad_id)
         batch["target"] = torch.tensor(np.array([f["target"] for f in features]), dtype=torch.float32)
         return batch
 
