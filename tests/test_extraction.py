@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -168,3 +170,65 @@ def test_sharded_output_resumes_and_checks_provenance(tmp_path):
     kill_at["call"] = None
     ex.run_sharded(10, 3, out, parts, {"model": "m", "adapter": "other"}, score)
     assert calls == [0, 3, 6, 9]
+
+
+def test_out_of_memory_halves_the_budget_and_retries(setup):
+    """A CUDA OOM on a big batch halves the token budget and splits the batch; results are unchanged."""
+    tok, model, builder, _dev, texts = setup
+    answers = ex.answer_variants(tok, builder.answers)
+    ids = ex.encode_prompts(tok, texts, chat=True)
+    want = ex.Scorer(model, tok.pad_token_id, reuse_prefix=False).score_tokens(ids, answers)
+
+    class Flaky(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, []
+
+        def forward(self, input_ids, **kwargs):
+            self.calls.append(input_ids.shape[0])
+            if input_ids.numel() > 2000:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    flaky = Flaky(model)
+    scorer = ex.Scorer(flaky, tok.pad_token_id, token_budget=10**5, max_batch_size=64, reuse_prefix=False)
+    got = scorer.score_tokens(ids, answers)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert flaky.calls[0] == len(ids) and min(flaky.calls) < len(ids)  # halved until the batches fit
+    assert scorer.token_budget < 10**5
+
+
+def test_debias_swap_averages_both_orders(tmp_path, tiny_models, processed):
+    """extract with debias: swap scores each dilemma in both option orders and averages the distributions."""
+    import yaml
+
+    from moralign import steps
+    from moralign.config import validate
+    from tests.conftest import ROOT
+
+    raw = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+    raw["extract"]["splits"] = ["dev"]
+    raw["experiment"]["eval_split"] = "dev"
+    raw["extract"]["max_items"] = 12
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["llama"], base)
+    (base / "moralign-source.json").write_text('{"built": {}, "hf_id": null, "revision": null}')
+    outs = {}
+    for mode in ("none", "swap"):
+        raw["extract"]["debias"] = mode
+        steps.extract(validate(raw), "tiny-llama", "dilemmas", "base", processed["dilemmas"], base, tmp_path / mode)
+        outs[mode] = pd.read_parquet(tmp_path / mode / "dev.parquet")
+    # the reference: the same items with their actions exchanged in the data, scored plainly
+    (tmp_path / "swapped").mkdir()
+    for split in ("train", "dev"):
+        pd.read_parquet(processed["dilemmas"] / f"{split}.parquet").rename(
+            columns={"action1": "action2", "action2": "action1"}
+        ).to_parquet(tmp_path / "swapped" / f"{split}.parquet")
+    raw["extract"]["debias"] = "none"
+    steps.extract(validate(raw), "tiny-llama", "dilemmas", "base", tmp_path / "swapped", base, tmp_path / "rev")
+    reverse = pd.read_parquet(tmp_path / "rev" / "dev.parquet")
+    p_none, p_rev = np.stack(outs["none"]["p"]), np.stack(reverse["p"])[:, ::-1]
+    np.testing.assert_allclose(np.stack(outs["swap"]["p"]), (p_none + p_rev) / 2, atol=1e-9)
+    with pytest.raises(ValueError, match="debias: swap"):
+        raw["extract"]["debias"] = "swap"
+        steps.extract(validate(raw), "tiny-llama", "anecdotes", "base", processed["anecdotes"], base, tmp_path / "a")
