@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,28 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false, never yes/no/on/off.
+
+    Answer strings such as No are plain strings in YAML 1.2, and tools that rewrite params.yaml (DVC's
+    `exp run -S`) write them unquoted; YAML 1.1 would read them as False.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML with YAML 1.2 booleans (see :class:`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 CONDITION_BASE = "base"
 
 
@@ -70,7 +93,7 @@ def load_schema() -> dict[str, Any]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: config file not found") from err
     except yaml.YAMLError as err:
@@ -200,6 +223,23 @@ def validate(raw: Mapping[str, Any], origin: str = "config") -> Config:
         raise ConfigError(f"{origin}: invalid configuration\n" + "\n".join(lines))
     _check_cross_fields(cfg, origin)
     return Config(cfg)
+
+
+def write_resolved(cfg: Config, path: str | Path) -> Path:
+    """Write the merged, validated configuration to ``path``, leaving the file untouched when it is unchanged.
+
+    Snakemake passes this one stable path to every step instead of the list of config files it merged, so
+    renaming or moving an overlay does not look like a parameter change (which would rerun every step); the
+    per-step section hashes decide what reruns.
+    """
+    path = Path(path)
+    text = yaml.safe_dump(cfg.data, sort_keys=True, allow_unicode=True)
+    if not path.exists() or path.read_text() != text:
+        from moralign.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return path
 
 
 def load_config(paths: str | Path | Iterable[str | Path]) -> Config:

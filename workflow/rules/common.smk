@@ -2,7 +2,7 @@
 import os
 import re
 
-from moralign.config import CONDITION_BASE, load_config, validate
+from moralign.config import CONDITION_BASE, load_config, validate, write_resolved
 from moralign.data import TASKS
 from moralign.reporting import FIGURES
 
@@ -15,8 +15,9 @@ if validate(config).data != CFG.data:
         "the configuration differs from the merged config files "
         f"{CONFIG_FILES}: --config KEY=VALUE overrides are not passed to the steps; put them in an overlay file"
     )
-CONFIG_ARG = " ".join(CONFIG_FILES)
 RUN = CFG.run
+# Steps read the merged configuration from one stable file (rewritten only when its content changes).
+CONFIG_ARG = str(write_resolved(CFG, f".snakemake/moralign/{RUN}.config.yaml"))
 
 
 def _alternatives(values):
