@@ -11,7 +11,8 @@ lm-evaluation-harness lives in the benchmark's own environment (its pins differ 
 Same tiny Llama (locally built, real architecture, its own tokenizer and Llama-3 chat template), same rendered
 prompts (dilemmas from the synthetic sample, chat template, system text), zero-shot and 3-shot:
 
-- engine: moralign's Scorer (length-sorted batches under a token budget, shared-prefix key/value reuse);
+- engine: moralign's Scorer (length-sorted batches under a token budget, shared-prefix key/value reuse), and
+  the same without prefix reuse (the same tokens as the ceiling);
 - naive: one prompt at a time, no padding, full logits (the tests' reference);
 - lm-eval: lm-evaluation-harness's HF backend (HFLM.loglikelihood) on the same (context, answer) pairs, with a
   fixed batch size (its `auto` probing costs more than the run here);
@@ -125,6 +126,7 @@ def case(shots: int, model, tok, lm, train: pd.DataFrame, dev: pd.DataFrame, ans
     rows = ex.encode_prompts(tok, texts, chat=True)
     tokens = sum(len(r) for r in rows)
     engine = ex.Scorer(model, tok.pad_token_id, args.token_budget, args.batch_size)
+    no_reuse = ex.Scorer(model, tok.pad_token_id, args.token_budget, args.batch_size, reuse_prefix=False)
     requests = [Instance("loglikelihood", {}, (t, a), idx=k) for t in texts for k, a in enumerate(spec["answers"])]
     # agreement first. lm-eval moves the prompt's trailing whitespace ("\n\n" after the Llama-3 header) into
     # the continuation and scores "\n\nA" as a whole; the engine's continuation route scores the same pairs.
@@ -137,6 +139,7 @@ def case(shots: int, model, tok, lm, train: pd.DataFrame, dev: pd.DataFrame, ans
     ours = engine.score_sequences(pairs)
     secs = {
         "engine": timed(lambda: engine.score_tokens(rows, answers), args.repeats),
+        "engine, no prefix reuse": timed(lambda: no_reuse.score_tokens(rows, answers), args.repeats),
         "naive": timed(lambda: naive(model, rows), max(1, args.repeats // 2)),
         "lm-eval": timed(lambda: lm.loglikelihood(requests, disable_tqdm=True), args.repeats),
         "ceiling": timed(lambda: ceiling(model, rows, args.token_budget, args.batch_size), args.repeats),
@@ -147,9 +150,11 @@ def case(shots: int, model, tok, lm, train: pd.DataFrame, dev: pd.DataFrame, ans
         f"max |engine - lm-eval| log-prob {np.abs(ours - lm_scores).max():.2e}"
     )
     for name, s in secs.items():
-        print(f"  {name:<8} {len(rows) / s:8.1f} items/s  {tokens / s:10,.0f} tokens/s  ({s:.3f} s)")
+        print(f"  {name:<24} {len(rows) / s:8.1f} items/s  {tokens / s:10,.0f} tokens/s  ({s:.3f} s)")
     print(
-        f"  engine / ceiling = {secs['ceiling'] / secs['engine']:.2f}x speed; "
+        f"  engine without prefix reuse / ceiling (same tokens) = "
+        f"{secs['ceiling'] / secs['engine, no prefix reuse']:.2f}x; "
+        f"engine / ceiling = {secs['ceiling'] / secs['engine']:.2f}x speed; "
         f"engine / lm-eval = {secs['lm-eval'] / secs['engine']:.2f}x; "
         f"engine / naive = {secs['naive'] / secs['engine']:.2f}x"
     )
