@@ -43,6 +43,8 @@ _Yaml12Loader.add_implicit_resolver(
 def load_yaml(text: str) -> Any:
     """Parse YAML with YAML 1.2 booleans (see :class:`_Yaml12Loader`)."""
     return yaml.load(text, Loader=_Yaml12Loader)
+
+
 CONDITION_BASE = "base"
 
 

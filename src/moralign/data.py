@@ -292,7 +292,7 @@ def task_table(task: Task, rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, di
     return frame, {"items_in": len(rows), "dropped_zero_votes": int((~keep).sum()), "ties": int(tie.sum())}
 
 
-def prepare(task_name: str, archive_path: str | Path, out_dir: str | Path, max_items: int | None = None) -> dict:
+def prepare(task_name: str, archive_path: str | Path, out_dir: str | Path) -> dict:
     """Unpack ``archive_path`` and write ``<out_dir>/<split>.parquet`` for every split plus ``stats.json``."""
     task = TASKS[task_name]
     out_dir = Path(out_dir)
@@ -302,8 +302,6 @@ def prepare(task_name: str, archive_path: str | Path, out_dir: str | Path, max_i
         for split in SPLITS:
             rows = read_split(Path(tmp), task.archive, split)
             frame, counts = task_table(task, rows)
-            if max_items is not None:
-                frame = frame.head(max_items)
             counts["items_out"] = len(frame)
             stats["splits"][split] = counts
             if counts["dropped_zero_votes"]:

@@ -109,6 +109,14 @@ def fit_concentration(counts: np.ndarray, logp: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(loss, bounds=(-8.0, 12.0), method="bounded").x))
 
 
+def fit_on_dev(dev: tuple[np.ndarray, np.ndarray] | None) -> tuple[float, float]:
+    """Temperature and concentration fitted on (dev counts, dev log p); (1, 1) without dev predictions."""
+    if dev is None:
+        return 1.0, 1.0
+    counts, logp = dev
+    return fit_temperature(counts / counts.sum(1, keepdims=True), logp), fit_concentration(counts, logp)
+
+
 def bootstrap_indices(n_items: int, resamples: int, seed: int) -> np.ndarray:
     """(resamples x items) indices of the item bootstrap, shared by every metric of a cell (seeded)."""
     return np.random.default_rng(seed).integers(0, n_items, size=(resamples, n_items))
@@ -158,12 +166,7 @@ def summarise(
 
     ``dev`` = (dev counts, dev log p) for the fitted temperature and concentration; without it they are 1.
     """
-    if dev is not None:
-        dev_counts, dev_logp = dev
-        temperature = fit_temperature(dev_counts / dev_counts.sum(1, keepdims=True), dev_logp)
-        concentration = fit_concentration(dev_counts, dev_logp)
-    else:
-        temperature = concentration = 1.0
+    temperature, concentration = fit_on_dev(dev)
     items = per_item_metrics(counts, logp, coverage, temperature, concentration)
     idx = bootstrap_indices(len(counts), resamples, seed) if resamples else None
     out: dict[str, Any] = {

@@ -246,31 +246,37 @@ def _plt():
     return plt
 
 
-def bar_figure(long: pd.DataFrame, dataset: str, metric: str, out_stem: Path) -> list[Path]:
-    """Before/after bars per model for one metric with intervals, and the uniform and BEST levels as lines."""
-    plt = _plt()
-    d = long[(long["dataset"] == dataset) & (long["metric"] == metric)]
-    models = d[d["kind"] == "model"]
-    names = sorted(models["model"].unique())
-    conditions = list(dict.fromkeys(models["condition"]))
+def _grouped_bars(plt: Any, cells: pd.DataFrame, height: float, intervals: bool) -> tuple[Any, Any, list[str]]:
+    """One group of bars per model, one bar per condition (colour and hatch), optionally with 95 % intervals."""
+    names = sorted(cells["model"].unique())
+    conditions = list(dict.fromkeys(cells["condition"]))
     width = 0.8 / max(1, len(conditions))
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(names) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(names) + 2), height))
     for k, cond in enumerate(conditions):
-        sub = models[models["condition"] == cond].set_index("model").reindex(names)
+        sub = cells[cells["condition"] == cond].set_index("model").reindex(names)
         x = np.arange(len(names)) + (k - (len(conditions) - 1) / 2) * width
-        err = np.vstack([sub["value"] - sub["low"], sub["high"] - sub["value"]])
+        err = np.nan_to_num(np.vstack([sub["value"] - sub["low"], sub["high"] - sub["value"]])) if intervals else None
         ax.bar(
             x,
             sub["value"],
             width,
-            yerr=np.nan_to_num(err),
-            capsize=3,
+            yerr=err,
+            capsize=3 if intervals else 0,
             label=cond,
             color=COLOURS[k % len(COLOURS)],
             hatch=HATCHES[k % len(HATCHES)],
             edgecolor="black",
             linewidth=0.5,
         )
+    return fig, ax, names
+
+
+def bar_figure(long: pd.DataFrame, dataset: str, metric: str, out_stem: Path) -> list[Path]:
+    """Before/after bars per model for one metric with intervals, and the uniform and BEST levels as lines."""
+    plt = _plt()
+    d = long[(long["dataset"] == dataset) & (long["metric"] == metric)]
+    models = d[d["kind"] == "model"]
+    fig, ax, names = _grouped_bars(plt, models, height=3.6, intervals=True)
     refs = d[d["kind"] == "reference"].set_index("model")["value"]
     for name, style in (("uniform", ":"), ("best", "--")):
         if name in refs:
@@ -383,23 +389,7 @@ def coverage_figure(long: pd.DataFrame, dataset: str, out_stem: Path) -> list[Pa
     """Mean probability mass on valid answers per model and condition (log scale: small models put little there)."""
     plt = _plt()
     d = long[(long["dataset"] == dataset) & (long["metric"] == "coverage") & (long["kind"] == "model")]
-    names = sorted(d["model"].unique())
-    conditions = list(dict.fromkeys(d["condition"]))
-    width = 0.8 / max(1, len(conditions))
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(names) + 2), 3.4))
-    for k, cond in enumerate(conditions):
-        sub = d[d["condition"] == cond].set_index("model").reindex(names)
-        x = np.arange(len(names)) + (k - (len(conditions) - 1) / 2) * width
-        ax.bar(
-            x,
-            sub["value"],
-            width,
-            label=cond,
-            color=COLOURS[k % len(COLOURS)],
-            hatch=HATCHES[k % len(HATCHES)],
-            edgecolor="black",
-            linewidth=0.5,
-        )
+    fig, ax, names = _grouped_bars(plt, d, height=3.4, intervals=False)
     ax.set_yscale("log")
     ax.set_ylim(top=1.5)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")

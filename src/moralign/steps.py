@@ -316,7 +316,7 @@ def score(
         if not np.array_equal(b_counts, counts):
             raise ValueError(f"{baseline_dir} and {pred_dir} do not cover the same items in the same order")
         b_dev = _load_predictions(baseline_dir, "dev", data_dir)[:2] if split != "dev" else None
-        base_items = metrics.per_item_metrics(b_counts, b_logp, b_cov, *_fitted(b_dev))
+        base_items = metrics.per_item_metrics(b_counts, b_logp, b_cov, *metrics.fit_on_dev(b_dev))
         result["difference_to_base"] = {
             name: metrics.paired_difference(base_items[name], per_item[name], s["bootstrap_resamples"], s["seed"])
             for name in per_item
@@ -329,15 +329,6 @@ def score(
         out.with_suffix(".items.parquet"),
         pd.DataFrame({"id": pd.read_parquet(pred_dir / f"{split}.parquet")["id"], **per_item}),
     )
-
-
-def _fitted(dev: tuple[np.ndarray, np.ndarray] | None) -> tuple[float, float]:
-    from moralign import metrics
-
-    if dev is None:
-        return 1.0, 1.0
-    counts, logp = dev
-    return metrics.fit_temperature(counts / counts.sum(1, keepdims=True), logp), metrics.fit_concentration(counts, logp)
 
 
 def references(cfg: Config, dataset: str, data_dir: Path, out: Path) -> None:
