@@ -199,8 +199,8 @@ def test_debias_swap_averages_both_orders(tmp_path, tiny_models, processed):
     """extract with debias: swap scores each dilemma in both option orders and averages the distributions."""
     import yaml
 
-    from moralign import steps
     from moralign.config import validate
+    from moralign.steps import extract
     from tests.conftest import ROOT
 
     raw = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
@@ -213,7 +213,7 @@ def test_debias_swap_averages_both_orders(tmp_path, tiny_models, processed):
     outs = {}
     for mode in ("none", "swap"):
         raw["extract"]["debias"] = mode
-        steps.extract(validate(raw), "tiny-llama", "dilemmas", "base", processed["dilemmas"], base, tmp_path / mode)
+        extract.run(validate(raw), "tiny-llama", "dilemmas", "base", processed["dilemmas"], tmp_path / mode, base)
         outs[mode] = pd.read_parquet(tmp_path / mode / "dev.parquet")
     # the reference: the same items with their actions exchanged in the data, scored plainly
     (tmp_path / "swapped").mkdir()
@@ -222,10 +222,10 @@ def test_debias_swap_averages_both_orders(tmp_path, tiny_models, processed):
             columns={"action1": "action2", "action2": "action1"}
         ).to_parquet(tmp_path / "swapped" / f"{split}.parquet")
     raw["extract"]["debias"] = "none"
-    steps.extract(validate(raw), "tiny-llama", "dilemmas", "base", tmp_path / "swapped", base, tmp_path / "rev")
+    extract.run(validate(raw), "tiny-llama", "dilemmas", "base", tmp_path / "swapped", tmp_path / "rev", base)
     reverse = pd.read_parquet(tmp_path / "rev" / "dev.parquet")
     p_none, p_rev = np.stack(outs["none"]["p"]), np.stack(reverse["p"])[:, ::-1]
     np.testing.assert_allclose(np.stack(outs["swap"]["p"]), (p_none + p_rev) / 2, atol=1e-9)
     with pytest.raises(ValueError, match="debias: swap"):
         raw["extract"]["debias"] = "swap"
-        steps.extract(validate(raw), "tiny-llama", "anecdotes", "base", processed["anecdotes"], base, tmp_path / "a")
+        extract.run(validate(raw), "tiny-llama", "anecdotes", "base", processed["anecdotes"], tmp_path / "a", base)

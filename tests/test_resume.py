@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from moralign import steps
 from moralign.config import validate
+from moralign.steps import fetch_model
 from tests.conftest import ROOT, run
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def workspace(tmp_path_factory, raw_dir, processed):
     raw["finetune"].update(max_steps=40, eval_steps=10, batch_size=4)
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
-    steps.fetch_model(
+    fetch_model.run(
         validate(raw), "tiny-llama", [raw_dir / "anecdotes.tar.gz", raw_dir / "dilemmas.tar.gz"], root / "base"
     )
     return root, config, processed["dilemmas"]

@@ -134,14 +134,33 @@ class Config:
         """Fine-tuning recipes this run trains."""
         return list(self.data["experiment"]["recipes"])
 
-    @property
-    def conditions(self) -> list[str]:
-        """``base`` followed by every recipe."""
-        return [CONDITION_BASE, *self.recipes]
-
     def model(self, name: str) -> dict[str, Any]:
         """Definition of model ``name``."""
         return self.data["models"][name]
+
+    def backend(self, model: str) -> str:
+        """How model ``model`` predicts (moralign.predictors.<backend>)."""
+        return self.model(model)["backend"]
+
+    def conditions_of(self, model: str) -> list[str]:
+        """The conditions of model ``model``: the one place that decides which cells a model has.
+
+        A local causal LM has ``base`` and one condition per fine-tuning recipe.
+        """
+        return [CONDITION_BASE, *self.recipes]
+
+    @property
+    def conditions(self) -> list[str]:
+        """Every condition of any model of the run, in table order (``base`` first)."""
+        return list(dict.fromkeys(c for m in self.models for c in self.conditions_of(m)))
+
+    def cells(self) -> list[tuple[str, str, str]]:
+        """Every (dataset, model, condition) cell of the results table, in table order."""
+        return [(d, m, c) for d in self.datasets for m in self.models for c in self.conditions_of(m)]
+
+    def tuned(self, model: str) -> list[str]:
+        """The conditions of ``model`` that need a trained adapter (every condition but ``base``)."""
+        return [c for c in self.conditions_of(model) if c != CONDITION_BASE]
 
     def prompt(self, dataset: str) -> dict[str, Any]:
         """Prompt variant of ``dataset``."""

@@ -281,6 +281,17 @@ def normalise(logp_choice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.exp(log_mass), np.exp(logp_choice - log_mass[:, None])
 
 
+def average_orders(logp: np.ndarray, logp_swapped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Position-bias control: average the distributions of the two option orders.
+
+    ``logp_swapped`` is already re-ordered to the task's choice order. Returns ``logp_choice`` = log of the mean
+    mass per choice (so coverage stays the mean coverage) and ``p`` = the mean of the two renormalised
+    distributions.
+    """
+    p = 0.5 * (normalise(logp)[1] + normalise(logp_swapped)[1])
+    return np.logaddexp(logp, logp_swapped) - np.log(2.0), p
+
+
 @dataclass
 class PromptSet:
     """Prompts of one split, ready for the engine."""

@@ -15,8 +15,8 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from moralign.config import digest
-from moralign.data import Task
+from moralign.config import Config, digest
+from moralign.data import TASKS, Task
 
 RAW_ANSWER_PREFIX = "Answer:"
 
@@ -41,6 +41,18 @@ class PromptBuilder:
     chat: bool
     system_role: bool = True
     shots: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @classmethod
+    def from_config(cls, cfg: Config, model: str, dataset: str, train: pd.DataFrame) -> PromptBuilder:
+        """The builder of one (model, dataset) pair: its prompt variant, its model's chat settings, shots from train."""
+        spec, mcfg = cfg.prompt(dataset), cfg.model(model)
+        return cls(
+            task=TASKS[dataset],
+            spec=spec,
+            chat=mcfg["chat_template"],
+            system_role=mcfg["system_role"],
+            shots=select_shots(train, spec["n_shots"], spec["shot_seed"]),
+        )
 
     @property
     def answers(self) -> list[str]:

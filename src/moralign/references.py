@@ -90,3 +90,26 @@ def vote_marginal(counts: np.ndarray) -> np.ndarray:
     """The split's pooled vote distribution (the train prior)."""
     totals = np.asarray(counts, dtype=float).sum(axis=0)
     return totals / totals.sum()
+
+
+def reference_rows(
+    counts: np.ndarray, dev_counts: np.ndarray, train_counts: np.ndarray, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The reference rows of one dataset on the evaluation split's ``counts``: uniform, train prior, BEST.
+
+    The constant rows are scored like a model (T and c fitted on dev); BEST carries its fitted prior and the
+    Monte Carlo standard error of each value.
+    """
+    resamples, seed = settings["bootstrap_resamples"], settings["seed"]
+    n_choices = counts.shape[1]
+    rows: dict[str, Any] = {}
+    for name, probs in (("uniform", np.full(n_choices, 1.0 / n_choices)), ("train_prior", vote_marginal(train_counts))):
+        logp = metrics.constant_prediction(probs, len(counts))
+        dev = (dev_counts, metrics.constant_prediction(probs, len(dev_counts)))
+        res = metrics.summarise(counts, logp, np.ones(len(counts)), dev, resamples, seed)
+        res.pop("per_item")
+        rows[name] = {**res, "prediction": probs.tolist()}
+    best = best_oracle(counts, fit_dirichlet_prior(counts), settings["best_samples"], seed, resamples)
+    best.pop("per_item")
+    rows["best"] = best
+    return rows

@@ -173,12 +173,14 @@ def to_latex(wide: pd.DataFrame) -> str:
 
 
 def collect_scores(
-    paths: list[Path], datasets: list[str], models: list[str], conditions: list[str]
+    paths: list[Path], cells: list[tuple[str, str, str]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Cell scores and reference rows from score files or folders of them, limited to the run's experiment.
+    """Cell scores and reference rows from score files or folders of them, limited to the run's ``cells``.
 
-    Folders (DVC passes the scores folder) may hold files of cells no longer in the config: they are skipped.
+    ``cells`` are (dataset, model, condition); files of cells no longer in the config are skipped.
     """
+    wanted = set(cells)
+    datasets = {d for d, _, _ in cells}
     files = [f for p in paths for f in (sorted(p.rglob("*.json")) if p.is_dir() else [p])]
     cells, refs = [], []
     for path in files:
@@ -188,7 +190,7 @@ def collect_scores(
                 refs.append(s)
             continue
         prov = s["provenance"]
-        if prov["dataset"] in datasets and prov["model"] in models and s["condition"] in conditions:
+        if (prov["dataset"], prov["model"], s["condition"]) in wanted:
             cells.append({**s, "dataset": prov["dataset"], "model": prov["model"]})
     return cells, refs
 
@@ -450,8 +452,7 @@ def plot_dataset(
     data_dir: Path,
     split: str,
     out_dir: Path,
-    models: list[str],
-    conditions: list[str],
+    cells: list[tuple[str, str, str]],
 ) -> list[Path]:
     """Every figure of one dataset (:data:`FIGURES`), as PNG and PDF.
 
@@ -468,9 +469,9 @@ def plot_dataset(
     preds = {}
     for summary in sorted(s for d in pred_dirs for s in Path(d).rglob("summary.json")):
         prov = read_json(summary)["provenance"]
-        if prov["dataset"] == dataset and prov["model"] in models and prov["condition"] in conditions:
+        if (prov["dataset"], prov["model"], prov["condition"]) in cells:
             preds[f"{prov['model']} / {prov['condition']}"] = summary.parent / f"{split}.parquet"
-    order = {c: k for k, c in enumerate(conditions)}
+    order = {c: k for k, c in enumerate(dict.fromkeys(c for _, _, c in cells))}
     preds = dict(sorted(preds.items(), key=lambda kv: (kv[0].split(" / ")[0], order[kv[0].split(" / ")[1]])))
     cells = _load_cells(preds, data_dir / f"{split}.parquet")
     choice = TASKS[dataset].choices[0]

@@ -7,7 +7,8 @@ Example:
 
 from pathlib import Path
 
-from moralign import cli, steps
+from moralign import cli
+from moralign.steps import download
 
 
 def main(argv=None):
@@ -15,7 +16,7 @@ def main(argv=None):
     p.add_argument("--archive", required=True, choices=["anecdotes", "dilemmas"])
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    steps.download(cli.start(args), args.archive, args.out)
+    download.run(cli.start(args), args.archive, args.out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Next-token answer probabilities for every item of one (model, dataset, condition) cell.
+"""Answer probabilities for every item of one (model, dataset, condition) cell.
 
 Examples:
     python workflow/scripts/extract.py --config params.yaml --model zephyr-7b-beta --dataset dilemmas \
@@ -9,7 +9,8 @@ Examples:
 
 from pathlib import Path
 
-from moralign import cli, steps
+from moralign import cli
+from moralign.steps import extract
 
 
 def main(argv=None):
@@ -19,11 +20,11 @@ def main(argv=None):
     p.add_argument("--condition", required=True)
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--out-dir", required=True, type=Path)
-    p.add_argument("--base", required=True, type=Path, help="folder of the base model (fetch_model's output)")
-    p.add_argument("--adapter", type=Path, help="LoRA adapter folder (fine-tuned conditions)")
+    p.add_argument("--base", type=Path, help="folder of the base model (fetch_model's output; local models)")
+    p.add_argument("--adapter", type=Path, help="adapter folder (fine-tuned conditions)")
     args = p.parse_args(argv)
-    steps.extract(
-        cli.start(args), args.model, args.dataset, args.condition, args.data_dir, args.base, args.out_dir, args.adapter
+    extract.run(
+        cli.start(args), args.model, args.dataset, args.condition, args.data_dir, args.out_dir, args.base, args.adapter
     )
 
 

@@ -9,7 +9,8 @@ Example:
 
 from pathlib import Path
 
-from moralign import cli, steps
+from moralign import cli
+from moralign.steps import fetch_model
 
 
 def main(argv=None):
@@ -18,7 +19,7 @@ def main(argv=None):
     p.add_argument("--archives", nargs="*", type=Path, default=[], help="sample text for a built model's tokenizer")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    steps.fetch_model(cli.start(args), args.model, args.archives, args.out)
+    fetch_model.run(cli.start(args), args.model, args.archives, args.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Example:
 
 from pathlib import Path
 
-from moralign import cli, steps
+from moralign import cli
+from moralign.steps import finetune
 
 
 def main(argv=None):
@@ -21,7 +22,7 @@ def main(argv=None):
     p.add_argument("--base", required=True, type=Path, help="folder of the base model (fetch_model's output)")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    steps.finetune(cli.start(args), args.model, args.dataset, args.recipe, args.data_dir, args.base, args.out)
+    finetune.run(cli.start(args), args.model, args.dataset, args.recipe, args.data_dir, args.base, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def main(argv=None):
     cfg = cli.start(args)
     split = cfg["experiment"]["eval_split"]
     reporting.plot_dataset(
-        args.report_dir, args.dataset, args.predictions, args.data_dir, split, args.out_dir, cfg.models, cfg.conditions
+        args.report_dir, args.dataset, args.predictions, args.data_dir, split, args.out_dir, cfg.cells()
     )
 
 

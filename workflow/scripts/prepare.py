@@ -7,7 +7,8 @@ Example:
 
 from pathlib import Path
 
-from moralign import cli, steps
+from moralign import cli
+from moralign.steps import prepare
 
 
 def main(argv=None):
@@ -16,7 +17,7 @@ def main(argv=None):
     p.add_argument("--raw-dir", required=True, type=Path, help="folder of the release archives")
     p.add_argument("--out-dir", required=True, type=Path)
     args = p.parse_args(argv)
-    steps.prepare(cli.start(args), args.dataset, args.raw_dir, args.out_dir)
+    prepare.run(cli.start(args), args.dataset, args.raw_dir, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Example:
 
 from pathlib import Path
 
-from moralign import cli, steps
+from moralign import cli
+from moralign.steps import references
 
 
 def main(argv=None):
@@ -16,7 +17,7 @@ def main(argv=None):
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    steps.references(cli.start(args), args.dataset, args.data_dir, args.out)
+    references.run(cli.start(args), args.dataset, args.data_dir, args.out)
 
 
 if __name__ == "__main__":

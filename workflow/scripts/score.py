@@ -10,7 +10,8 @@ Example:
 
 from pathlib import Path
 
-from moralign import cli, steps
+from moralign import cli
+from moralign.steps import score
 
 
 def main(argv=None):
@@ -22,7 +23,7 @@ def main(argv=None):
     p.add_argument("--baseline", type=Path, help="base-condition predictions, for paired differences")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    steps.score(cli.start(args), args.dataset, args.condition, args.data_dir, args.predictions, args.out, args.baseline)
+    score.run(cli.start(args), args.dataset, args.condition, args.data_dir, args.predictions, args.out, args.baseline)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def main(argv=None):
     p.add_argument("--out-dir", required=True, type=Path)
     args = p.parse_args(argv)
     cfg = cli.start(args)
-    cells, refs = reporting.collect_scores(args.scores, cfg.datasets, cfg.models, cfg.conditions)
+    cells, refs = reporting.collect_scores(args.scores, cfg.cells())
     reporting.tabulate(cells, refs, args.out_dir)
 
 

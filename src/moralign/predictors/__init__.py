@@ -1,0 +1,58 @@
+"""Predictors: the ways of turning the items of one split into a model's distribution over the answers.
+
+A predictor is built once per (model, dataset, condition) cell and, for any slice of a split's items, returns
+the predictions frame every later step reads (design.md §3): ``id, logp_choice, coverage, p, n_prompt_tokens``.
+Its ``provenance`` (model identity, template hash, dtype, library versions, ...) goes into every prediction file.
+
+A backend is one module of this package with a ``build(...)`` function (``hf``: local causal LMs, with or
+without a LoRA adapter). The extract step imports the backend by name, so the stage table declares each
+cell's backend module as that cell's code dependency (moralign.stages) and a new backend never touches the steps.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moralign.config import Config
+
+PREDICTION_COLUMNS = ("id", "logp_choice", "coverage", "p", "n_prompt_tokens")
+
+
+class Predictor(ABC):
+    """Answer distributions for items of one (model, dataset, condition) cell."""
+
+    provenance: dict[str, Any]
+
+    @abstractmethod
+    def predict(self, items: pd.DataFrame) -> pd.DataFrame:
+        """The predictions frame of ``items`` (rows of a processed split), in their order."""
+
+    def examples(self, items: pd.DataFrame) -> str:
+        """The rendered inputs of ``items``, for a human to read (written next to the predictions)."""
+        return ""
+
+
+@dataclass(frozen=True)
+class CellInputs:
+    """What a predictor may need: the processed data and the model's files (absent for API models)."""
+
+    data_dir: Path
+    base_dir: Path | None = None
+    adapter_dir: Path | None = None
+
+
+def backend_module(backend: str) -> str:
+    """The module that implements ``backend`` (the stage table declares it as the extract step's code)."""
+    return f"moralign.predictors.{backend}"
+
+
+def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> Predictor:
+    """The predictor of one cell, from the backend its model entry names."""
+    module = importlib.import_module(backend_module(cfg.backend(model)))
+    return module.build(cfg, model, dataset, condition, inputs)

@@ -1,0 +1,85 @@
+"""Local causal language models (Hugging Face ``from_pretrained``, optionally 4-bit, optionally with a LoRA adapter).
+
+One forward pass per prompt through the extraction engine (moralign.extraction); with ``extract.debias: swap``
+binary items are also scored with their two options exchanged and the two distributions averaged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from moralign import extraction as ex
+from moralign.config import Config
+from moralign.io import environment
+from moralign.predictors import CellInputs, Predictor
+from moralign.prompts import PromptBuilder, swap_options
+
+
+class HFPredictor(Predictor):
+    """Scores rendered prompts with a local model; see the module docstring."""
+
+    def __init__(self, model: Any, tokenizer: Any, builder: PromptBuilder, settings: dict[str, Any]) -> None:
+        self.tokenizer = tokenizer
+        self.builder = builder
+        self.debias = settings["debias"]
+        if self.debias == "swap" and builder.task.option_fields is None:
+            raise ValueError(
+                f"extract.debias: swap needs a task whose prompt shows its options in order; "
+                f"{builder.task.name} has none"
+            )
+        self.answers = ex.answer_variants(tokenizer, builder.answers)
+        self.scorer = ex.Scorer(model, tokenizer.pad_token_id, settings["token_budget"], settings["max_batch_size"])
+        self.provenance: dict[str, Any] = {
+            "template_hash": builder.fingerprint(tokenizer),
+            "answers": self.answers.describe(),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "quantization": settings["quantization"],
+            "debias": self.debias,
+        }
+
+    def _logp(self, items: pd.DataFrame) -> tuple[ex.PromptSet, Any]:
+        texts = [self.builder.render(self.tokenizer, row) for _, row in items.iterrows()]
+        prompts = ex.PromptSet(list(items["id"]), texts, ex.encode_prompts(self.tokenizer, texts, self.builder.chat))
+        return prompts, ex.score_prompts(self.scorer, self.tokenizer, prompts, self.answers, self.builder.chat)
+
+    def predict(self, items: pd.DataFrame) -> pd.DataFrame:
+        """See :meth:`Predictor.predict`."""
+        prompts, logp = self._logp(items)
+        n_tokens = [len(t) for t in prompts.token_ids]
+        if self.debias != "swap":
+            return ex.predictions_frame(prompts.ids, logp, n_tokens)
+        swapped = pd.DataFrame([swap_options(row, self.builder.task) for _, row in items.iterrows()])
+        _, logp_swapped = self._logp(swapped)
+        mean_logp, p = ex.average_orders(logp, logp_swapped[:, ::-1])
+        return ex.predictions_frame(prompts.ids, mean_logp, n_tokens, p=p)
+
+    def examples(self, items: pd.DataFrame) -> str:
+        """The rendered prompts, exactly as the model reads them."""
+        return "\n".join(
+            f"===== {row['id']} =====\n{self.builder.render(self.tokenizer, row)}\n" for _, row in items.iterrows()
+        )
+
+
+def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> HFPredictor:
+    """Load the cell's base model (and adapter) from the folders fetch_model and finetune wrote."""
+    from moralign.modeling import fingerprint_files, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from moralign.sources import base_identity
+
+    settings = cfg["extract"]
+    device = resolve_device(settings["device"])
+    dtype = resolve_dtype(settings["dtype"], device)
+    tokenizer = load_tokenizer(str(inputs.base_dir))
+    lm = load_model(str(inputs.base_dir), None, device, dtype, settings["quantization"], inputs.adapter_dir)
+    builder = PromptBuilder.from_config(cfg, model, dataset, pd.read_parquet(inputs.data_dir / "train.parquet"))
+    predictor = HFPredictor(lm, tokenizer, builder, settings)
+    predictor.provenance.update(
+        model=model,
+        base=base_identity(inputs.base_dir),
+        adapter=fingerprint_files(inputs.adapter_dir) if inputs.adapter_dir else None,
+        condition=condition,
+        dataset=dataset,
+        environment=environment(),
+    )
+    return predictor

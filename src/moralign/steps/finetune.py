@@ -1,0 +1,95 @@
+"""finetune: train one LoRA (QLoRA on GPU) adapter for a (model, dataset, recipe); resumes after an interruption."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moralign import extraction as ex
+from moralign import training
+from moralign.config import Config, digest
+from moralign.data import counts_matrix
+from moralign.io import atomic_dir, environment, read_json, write_json
+from moralign.prompts import PromptBuilder
+from moralign.sources import base_identity
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base_dir: Path, out_dir: Path) -> None:
+    """Write the adapter and its ``metadata.json`` to ``out_dir``; checkpoints live beside it until the end."""
+    import torch
+
+    from moralign.modeling import load_model, load_tokenizer, resolve_device
+
+    settings = cfg.finetune(recipe)
+    meta_path = out_dir / "metadata.json"
+    fingerprint = digest({"settings": settings, "prompt": cfg.prompt(dataset), "model": cfg.model(model)})
+    if meta_path.exists() and read_json(meta_path).get("fingerprint") == fingerprint:
+        log.info("%s is already trained with these settings; nothing to do", out_dir)
+        return
+    device = resolve_device(settings["device"])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(settings["seed"])
+    tokenizer = load_tokenizer(str(base_dir))
+    base = load_model(str(base_dir), None, device, dtype, settings["quantization"])
+    builder = PromptBuilder.from_config(cfg, model, dataset, pd.read_parquet(data_dir / "train.parquet"))
+    answers = ex.answer_variants(tokenizer, builder.answers)
+    if not answers.single_token and settings["objective"] == "soft":
+        raise ValueError(f"recipe {recipe}: the soft objective needs single-token answers; {builder.answers} are not")
+
+    def split_prompts(split: str, cap: int | None) -> tuple[list[str], list[list[int]], np.ndarray]:
+        frame = pd.read_parquet(data_dir / f"{split}.parquet")
+        if cap:
+            frame = frame.head(cap)
+        texts = [builder.render(tokenizer, row) for _, row in frame.iterrows()]
+        return texts, ex.encode_prompts(tokenizer, texts, builder.chat, settings["max_length"]), counts_matrix(frame)
+
+    train_texts, train_ids, train_counts = split_prompts("train", settings["max_train_items"])
+    _, dev_ids, dev_counts = split_prompts("dev", settings["max_dev_items"])
+    rows = training.training_rows(
+        settings["objective"], tokenizer, train_texts, train_ids, train_counts, answers, settings, builder.chat
+    )
+    lm = training.wrap_lora(base, settings, settings["quantization"] == "4bit")
+    checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
+    trainer = training.build_trainer(
+        settings["objective"],
+        lm,
+        tokenizer,
+        rows,
+        (dev_ids, dev_counts / dev_counts.sum(1, keepdims=True)),
+        answers,
+        settings,
+        checkpoints,
+        device,
+    )
+    result = training.train(trainer, checkpoints)
+    meta = {
+        "fingerprint": fingerprint,
+        "model": model,
+        "base": base_identity(base_dir),
+        "dataset": dataset,
+        "recipe": recipe,
+        "hyperparameters": settings,
+        "template_hash": builder.fingerprint(tokenizer),
+        "train_items": len(train_ids),
+        "train_examples": len(rows),
+        "dev_items": len(dev_ids),
+        **result,
+        "environment": environment(),
+    }
+    with atomic_dir(out_dir) as tmp:
+        trainer.model.save_pretrained(tmp)
+        write_json(tmp / "metadata.json", meta)
+    log.info(
+        "%s: best dev xentropy %.4f after %d steps (%.1f s)",
+        out_dir,
+        result["best_dev_xentropy"] or float("nan"),
+        result["steps"],
+        result["wall_seconds"],
+    )
+    shutil.rmtree(checkpoints, ignore_errors=True)

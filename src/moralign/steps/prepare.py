@@ -1,0 +1,18 @@
+"""prepare: parse and validate one dataset's release archive into per-split Parquet tables."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from moralign import data
+from moralign.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, dataset: str, raw_dir: Path, out_dir: Path) -> None:
+    """Write ``out_dir/<split>.parquet`` and ``stats.json`` from the archive in ``raw_dir``."""
+    stats = data.prepare(dataset, raw_dir / f"{data.TASKS[dataset].archive}.tar.gz", out_dir)
+    for split, counts in stats["splits"].items():
+        log.info("%s/%s: %s", dataset, split, counts)

@@ -1,0 +1,26 @@
+"""score: every metric, with bootstrap intervals, of one (model, dataset, condition) cell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moralign.config import Config
+from moralign.io import read_json, write_json, write_parquet
+from moralign.scoring import score_cell
+
+
+def run(
+    cfg: Config,
+    dataset: str,
+    condition: str,
+    data_dir: Path,
+    pred_dir: Path,
+    out: Path,
+    baseline_dir: Path | None = None,
+) -> None:
+    """Write the cell's scores to ``out`` and its per-item metrics beside it (``.items.parquet``)."""
+    split = cfg["experiment"]["eval_split"]
+    result, per_item = score_cell(pred_dir, data_dir, split, cfg["score"], baseline_dir)
+    result.update(split=split, condition=condition, provenance=read_json(pred_dir / "summary.json")["provenance"])
+    write_json(out, result)
+    write_parquet(out.with_suffix(".items.parquet"), per_item)
