@@ -124,3 +124,26 @@ def demo_run(tmp_path_factory) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("snakemake") / "repo")
     run(["snakemake", "--cores", "2", "--configfile", "config/demo.yaml"], repo, timeout=1800)
     return repo
+
+
+def dvc_yaml_for(repo: Path, config: str) -> None:
+    """Generate ``repo/dvc.yaml`` for ``config`` the way the README says."""
+    out = run([sys.executable, "-m", "moralign.stages", "dvc", "--config", config], repo).stdout
+    (repo / "dvc.yaml").write_text(out)
+
+
+@pytest.fixture(scope="session")
+def dvc_repo(tmp_path_factory) -> Path:
+    """A git + DVC repository with the demo's dvc.yaml, reproduced once, with a local remote."""
+    import time
+
+    root = tmp_path_factory.mktemp("dvc")
+    repo = copy_repo(root / "repo")
+    dvc_yaml_for(repo, "config/demo.yaml")
+    run("git init -q && git add -A && git commit -qm init", repo)
+    run(["dvc", "remote", "modify", "--local", "local", "url", str(root / "remote")], repo)
+    t0 = time.perf_counter()
+    run(["dvc", "repro"], repo, timeout=2400)
+    print(f"dvc repro of the demo: {time.perf_counter() - t0:.0f} s")
+    run("git add -A && git commit -qm 'demo run'", repo)
+    return repo

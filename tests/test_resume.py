@@ -87,8 +87,6 @@ def test_extraction_resumes_after_sigkill(workspace):
         data,
         "--base",
         root / "base",
-        "--threads",
-        1,
     ]
     run(script("extract", *args, "--out-dir", root / "whole", "--log", root / "whole.log"), root)
     out = root / "killed"
@@ -132,8 +130,6 @@ def test_finetuning_resumes_after_sigkill_and_is_not_redone(workspace):
         root / "base",
         "--out",
         out,
-        "--threads",
-        1,
     ]
     checkpoints = root / "adapter.checkpoints"
     kill_when(

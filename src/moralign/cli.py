@@ -22,19 +22,20 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
         type=Path,
         help="config files, merged in order (params.yaml, then overlays)",
     )
+    p.add_argument(
+        "--sections",
+        nargs="*",
+        help="the config sections this step may read (dotted keys; the stage table's list). Default: all",
+    )
     p.add_argument("--log", type=Path, help="log file (the rule's or stage's log)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     return p
 
 
 def start(args: argparse.Namespace) -> Config:
-    """Set up logging and threads; load and validate the configuration."""
+    """Set up logging; load and validate the configuration, cut down to the step's declared sections."""
     setup_logging(args.log)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return load_config(args.config)
+    cfg = load_config(args.config)
+    return cfg if args.sections is None else cfg.restrict(args.sections)
 
 
 def run(main: Callable[[Sequence[str] | None], None]) -> None:

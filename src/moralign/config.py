@@ -105,6 +105,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+class _Partial(dict):
+    """A mapping cut down to the sections a step declared; reading an undeclared key is a ConfigError."""
+
+    def __init__(self, data: dict[str, Any], where: str, declared: tuple[str, ...]) -> None:
+        super().__init__(data)
+        self.where, self.declared = where, declared
+
+    def __missing__(self, key: str) -> Any:
+        name = f"{self.where}.{key}" if self.where else key
+        raise ConfigError(
+            f"config section '{name}' is not among the sections this step declared ({', '.join(self.declared)}): "
+            "add it to the step's sections in moralign.stages, so that changing it reruns the step"
+        )
+
+
 @dataclass(frozen=True)
 class Config:
     """A validated configuration with the lookups every step needs."""
@@ -113,6 +128,23 @@ class Config:
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
+
+    def restrict(self, sections: Iterable[str]) -> Config:
+        """The part of this configuration made of ``sections`` (dotted keys); reading anything else is an error.
+
+        Every step gets the sections its stage declares (moralign.stages), which are exactly what Snakemake hashes
+        and DVC tracks as its params: a step cannot read configuration that would not rerun it.
+        """
+        declared = tuple(sections)
+        out = _Partial({}, "", declared)
+        for dotted in declared:
+            node, path = out, key_path(self.data, dotted)
+            for depth, key in enumerate(path[:-1]):
+                if key not in node:
+                    dict.__setitem__(node, key, _Partial({}, ".".join(path[: depth + 1]), declared))
+                node = dict.__getitem__(node, key)
+            dict.__setitem__(node, path[-1], copy.deepcopy(lookup(self.data, dotted)))
+        return Config(out)
 
     @property
     def run(self) -> str:
@@ -175,15 +207,26 @@ class Config:
         return digest({k: lookup(self.data, k) for k in keys})
 
 
-def lookup(data: Mapping[str, Any], dotted: str) -> Any:
-    """``lookup(d, "a.b")`` is ``d["a"]["b"]``; keys that contain dots (``models.llama-3.1-8b``) are matched whole."""
+def key_path(data: Mapping[str, Any], dotted: str) -> list[str]:
+    """The keys of a dotted name; keys that contain dots (``models.llama-3.1-8b``) are matched whole."""
     node: Any = data
-    rest = dotted
+    rest, keys = dotted, []
     while rest:
+        if not isinstance(node, Mapping):
+            raise KeyError(f"{dotted}: {'.'.join(keys)} is not a section")
         key = next((k for k in sorted(node, key=len, reverse=True) if rest == k or rest.startswith(k + ".")), None)
         if key is None:
             raise KeyError(f"{dotted}: no key {rest!r}")
+        keys.append(key)
         node, rest = node[key], rest[len(key) + 1 :]
+    return keys
+
+
+def lookup(data: Mapping[str, Any], dotted: str) -> Any:
+    """``lookup(d, "a.b")`` is ``d["a"]["b"]``; keys that contain dots (``models.llama-3.1-8b``) are matched whole."""
+    node: Any = data
+    for key in key_path(data, dotted):
+        node = node[key]
     return node
 
 

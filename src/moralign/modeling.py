@@ -14,6 +14,32 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def configure_torch(threads: int, device: torch.device) -> dict[str, Any]:
+    """Make this process's numbers depend on the configuration only; returns what determines them (provenance).
+
+    The thread count is set here from the config, never inherited from the orchestrator or the machine: on a CPU,
+    reductions split over threads round differently, so the count is part of the result (README,
+    "Reproducibility"). Deterministic algorithms are required on the CPU; on CUDA, cuBLAS needs a fixed workspace
+    for them and a few kernels have no deterministic version (those warn instead of failing).
+    """
+    import os
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # only settable before the first parallel region; the intra-op count is what matters
+        pass
+    cuda = device.type == "cuda"
+    if cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=cuda)
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "deterministic_algorithms": "warn-only" if cuda else True,
+    }
+
+
 def resolve_device(preference: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without one is an error, not a silent CPU run."""
     if preference == "auto":

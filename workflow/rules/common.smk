@@ -1,10 +1,11 @@
-# Configuration, path grammar and input functions. No rules here.
+# Configuration and the stage table's Snakemake adapters. No rules here.
+# Every rule reads its inputs, outputs, params, resources and shell command from moralign.stages, the one
+# description of the DAG that dvc.yaml is generated from too.
 import os
 import re
 
-from moralign.config import CONDITION_BASE, load_config, validate, write_resolved
-from moralign.data import TASKS
-from moralign.reporting import FIGURES
+from moralign import stages as S
+from moralign.config import load_config, validate, write_resolved
 
 # The same files, merged the same way, reach every step through --config (Snakemake's configfile first,
 # then each --configfile overlay in order).
@@ -15,98 +16,84 @@ if validate(config).data != CFG.data:
         "the configuration differs from the merged config files "
         f"{CONFIG_FILES}: --config KEY=VALUE overrides are not passed to the steps; put them in an overlay file"
     )
-RUN = CFG.run
+PLAN = S.Plan(CFG)
 # Steps read the merged configuration from one stable file (rewritten only when its content changes).
-CONFIG_ARG = str(write_resolved(CFG, f".snakemake/moralign/{RUN}.config.yaml"))
+CONFIG_ARG = str(write_resolved(CFG, f".snakemake/moralign/{CFG.run}.config.yaml"))
 
 
-def _alternatives(values):
-    return "|".join(re.escape(v) for v in values)
+def _stage(name):
+    return S.BY_NAME[name]
 
 
-wildcard_constraints:
-    dataset=_alternatives(CFG.datasets),
-    model=_alternatives(CFG.models),
-    recipe=_alternatives(CFG.recipes),
-    condition=_alternatives(CFG.conditions),
-    archive="anecdotes|dilemmas",
+def _instance(name, wildcards):
+    return S.instance_of(PLAN, _stage(name), dict(wildcards.items()))
 
 
-# Path grammar: <root>/<run>/<dataset>/<model>/<condition>/...
-RAW = f"data/{RUN}/raw/{{archive}}.tar.gz"
-PROCESSED = f"data/{RUN}/processed/{{dataset}}"
-BASE_MODEL = f"models/{RUN}/base/{{model}}"
-ADAPTER = f"models/{RUN}/adapters/{{dataset}}/{{model}}/{{recipe}}"
-PREDICTIONS = f"results/{RUN}/predictions/{{dataset}}/{{model}}/{{condition}}"
-SCORES = f"results/{RUN}/scores/{{dataset}}/{{model}}/{{condition}}.json"
-REFERENCES = f"results/{RUN}/scores/{{dataset}}/references.json"
-REPORTS = f"reports/{RUN}"
-SPLITS = ["train", "dev", "test"]
+def constraints(name):
+    """Each wildcard matches exactly the values the stage's instances have (rules never overlap)."""
+    stage = _stage(name)
+    values = {w: sorted({i[w] for i in PLAN.instances(stage)}) for w in stage.wildcards}
+    return {w: "|".join(re.escape(v) for v in vs) or "(?!)" for w, vs in values.items()}
 
 
-def lib(*modules):
-    """Library modules a step runs, declared as inputs so that changing them reruns the step."""
-    return [f"src/moralign/{m}.py" for m in modules]
+def inputs(name):
+    """Input function (for unpack) of the stage's named inputs, its code included."""
+    stage = _stage(name)
+    patterns = PLAN.inputs(stage)
+
+    def resolve(wildcards):
+        values = _instance(name, wildcards)
+        return {k: [S.fill(p, values) for p in v] if isinstance(v, list) else S.fill(v, values) for k, v in patterns.items()}
+
+    return resolve
 
 
-def section(*keys):
-    """Hash of the config sections a step reads; passed as a param so that Snakemake reruns it on a change."""
-    return CFG.section_hash(*keys)
+def outputs(name, reports=None):
+    """The stage's named outputs; folders marked as directories, report items wrapped for --report."""
+    stage = _stage(name)
+    out = {}
+    for key, value in PLAN.outputs(stage).items():
+        if key in stage.folders:
+            value = directory(value)
+        if reports and key in reports:
+            value = report(value, **reports[key])
+        out[key] = value
+    return out
 
 
-def sample_text_input(wildcards):
-    """A model built locally trains its tokenizer on the sample text; a hub model needs nothing."""
-    return [RAW.format(archive=a) for a in ("anecdotes", "dilemmas")] if "build" in CFG.model(wildcards.model) else []
+def params(name):
+    """The config file, the declared sections (and their hash: a change reruns the step) and instance values."""
+    stage = _stage(name)
+    keys = PLAN._instance_keys(stage)
+
+    def sections(wildcards):
+        return PLAN.sections(stage, _instance(name, wildcards))
+
+    values = {k: (lambda wildcards, k=k: _instance(name, wildcards)[k]) for k in keys}
+    return {
+        "config": CONFIG_ARG,
+        "sections": lambda wildcards: " ".join(sections(wildcards)),
+        "settings": lambda wildcards: CFG.section_hash(*sections(wildcards)),
+        **values,
+    }
 
 
-def adapter_input(wildcards):
-    if wildcards.condition == CONDITION_BASE:
-        return []
-    return ADAPTER.format(dataset=wildcards.dataset, model=wildcards.model, recipe=wildcards.condition)
+def log_of(name):
+    return PLAN.log(_stage(name))
 
 
-def adapter_arg(wildcards, input):
-    return f"--adapter {input.adapter}" if input.adapter else ""
+def shell_of(name):
+    return S.snakemake_shell(_stage(name))
 
 
-def baseline_input(wildcards):
-    if wildcards.condition == CONDITION_BASE:
-        return []
-    return PREDICTIONS.format(dataset=wildcards.dataset, model=wildcards.model, condition=CONDITION_BASE)
+def gpus(name):
+    return lambda wildcards: PLAN.gpus(_stage(name), _instance(name, wildcards))
 
 
-def baseline_arg(wildcards, input):
-    return f"--baseline {input.baseline}" if input.baseline else ""
-
-
-def gpus(step):
-    """GPU steps ask for one GPU unless the config pins them to the CPU."""
-    device = CFG["extract"]["device"] if step == "extract" else CFG["finetune"]["device"]
-    return 0 if device == "cpu" else 1
-
-
-def archive_of(wildcards):
-    return RAW.format(archive=TASKS[wildcards.dataset].archive)
-
-
-def cells():
-    return [(d, m, c) for d in CFG.datasets for m in CFG.models for c in CFG.conditions]
-
-
-def score_files():
-    return [SCORES.format(dataset=d, model=m, condition=c) for d, m, c in cells()]
-
-
-def reference_files():
-    return [REFERENCES.format(dataset=d) for d in CFG.datasets]
-
-
-def figures():
-    return [f"{REPORTS}/figures/{d}_{k}.{ext}" for d in CFG.datasets for k in FIGURES for ext in ("png", "pdf")]
+def threads_of(name):
+    return lambda wildcards: PLAN.threads(_stage(name), _instance(name, wildcards))
 
 
 def all_targets():
     """Everything a run produces: the table in every format, the DVC metrics file and every figure."""
-    table = [f"{REPORTS}/{name}" for name in ("results.csv", "results.md", "results.tex", "differences.csv")]
-    table.append(f"{REPORTS}/metrics.json")
-    return table + figures()
+    return PLAN.targets()

@@ -1,30 +1,28 @@
 rule download:
+    input:
+        unpack(inputs("download")),
     output:
-        archive=RAW,
-        sha256=f"{RAW}.sha256",
+        **outputs("download"),
     params:
-        config=CONFIG_ARG,
-        settings=section("data"),
+        **params("download"),
+    wildcard_constraints:
+        **constraints("download"),
     log:
-        f"logs/download/{RUN}/{{archive}}.log",
+        log_of("download"),
     shell:
-        "python workflow/scripts/download.py --config {params.config} --archive {wildcards.archive}"
-        " --out {output.archive} --log {log}"
+        shell_of("download")
 
 
 rule prepare:
     input:
-        archive=archive_of,
-        code=lib("data"),
+        unpack(inputs("prepare")),
     output:
-        splits=expand(f"{PROCESSED}/{{split}}.parquet", split=SPLITS, allow_missing=True),
-        stats=f"{PROCESSED}/stats.json",
+        **outputs("prepare"),
     params:
-        config=CONFIG_ARG,
-        raw_dir=lambda wildcards, input: os.path.dirname(input.archive),
-        out_dir=lambda wildcards, output: os.path.dirname(output.stats),
+        **params("prepare"),
+    wildcard_constraints:
+        **constraints("prepare"),
     log:
-        f"logs/prepare/{RUN}/{{dataset}}.log",
+        log_of("prepare"),
     shell:
-        "python workflow/scripts/prepare.py --config {params.config} --dataset {wildcards.dataset}"
-        " --raw-dir {params.raw_dir} --out-dir {params.out_dir} --log {log}"
+        shell_of("prepare")

@@ -1,64 +1,79 @@
-rule extract:
+rule extract_base:
     input:
-        data=rules.prepare.output.splits,
-        base=BASE_MODEL,
-        adapter=adapter_input,
-        code=lib("extraction", "prompts", "modeling"),
+        unpack(inputs("extract_base")),
     output:
-        predictions=expand(f"{PREDICTIONS}/{{split}}.parquet", split=CFG["extract"]["splits"], allow_missing=True),
-        summary=f"{PREDICTIONS}/summary.json",
+        **outputs("extract_base"),
     params:
-        config=CONFIG_ARG,
-        settings=lambda wildcards: section("extract", f"prompts.{wildcards.dataset}", f"models.{wildcards.model}"),
-        data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
-        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
-        adapter=adapter_arg,
+        **params("extract_base"),
+    wildcard_constraints:
+        **constraints("extract_base"),
+    threads: threads_of("extract_base")
     resources:
-        gpu=gpus("extract"),
-    threads: 1
+        gpu=gpus("extract_base"),
     log:
-        f"logs/extract/{RUN}/{{dataset}}/{{model}}/{{condition}}.log",
+        log_of("extract_base"),
     shell:
-        "python workflow/scripts/extract.py --config {params.config} --model {wildcards.model}"
-        " --dataset {wildcards.dataset} --condition {wildcards.condition} --data-dir {params.data_dir}"
-        " --base {input.base} {params.adapter} --out-dir {params.out_dir} --threads {threads} --log {log}"
+        shell_of("extract_base")
 
 
-rule score:
+rule extract_tuned:
     input:
-        data=rules.prepare.output.splits,
-        predictions=rules.extract.output.summary,
-        baseline=lambda wildcards: [f"{d}/summary.json" for d in [baseline_input(wildcards)] if d],
-        code=lib("metrics"),
+        unpack(inputs("extract_tuned")),
     output:
-        scores=SCORES,
-        per_item=SCORES.replace(".json", ".items.parquet"),
+        **outputs("extract_tuned"),
     params:
-        config=CONFIG_ARG,
-        settings=section("score", "experiment.eval_split"),
-        data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
-        predictions=lambda wildcards, input: os.path.dirname(input.predictions),
-        baseline=lambda wildcards, input: f"--baseline {os.path.dirname(input.baseline[0])}" if input.baseline else "",
+        **params("extract_tuned"),
+    wildcard_constraints:
+        **constraints("extract_tuned"),
+    threads: threads_of("extract_tuned")
+    resources:
+        gpu=gpus("extract_tuned"),
     log:
-        f"logs/score/{RUN}/{{dataset}}/{{model}}/{{condition}}.log",
+        log_of("extract_tuned"),
     shell:
-        "python workflow/scripts/score.py --config {params.config} --dataset {wildcards.dataset}"
-        " --condition {wildcards.condition} --data-dir {params.data_dir} --predictions {params.predictions}"
-        " {params.baseline} --out {output.scores} --log {log}"
+        shell_of("extract_tuned")
+
+
+rule score_base:
+    input:
+        unpack(inputs("score_base")),
+    output:
+        **outputs("score_base"),
+    params:
+        **params("score_base"),
+    wildcard_constraints:
+        **constraints("score_base"),
+    log:
+        log_of("score_base"),
+    shell:
+        shell_of("score_base")
+
+
+rule score_tuned:
+    input:
+        unpack(inputs("score_tuned")),
+    output:
+        **outputs("score_tuned"),
+    params:
+        **params("score_tuned"),
+    wildcard_constraints:
+        **constraints("score_tuned"),
+    log:
+        log_of("score_tuned"),
+    shell:
+        shell_of("score_tuned")
 
 
 rule references:
     input:
-        data=rules.prepare.output.splits,
-        code=lib("references", "metrics"),
+        unpack(inputs("references")),
     output:
-        REFERENCES,
+        **outputs("references"),
     params:
-        config=CONFIG_ARG,
-        settings=section("score", "experiment.eval_split"),
-        data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
+        **params("references"),
+    wildcard_constraints:
+        **constraints("references"),
     log:
-        f"logs/references/{RUN}/{{dataset}}.log",
+        log_of("references"),
     shell:
-        "python workflow/scripts/references.py --config {params.config} --dataset {wildcards.dataset}"
-        " --data-dir {params.data_dir} --out {output} --log {log}"
+        shell_of("references")

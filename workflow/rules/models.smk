@@ -5,39 +5,47 @@ localrules:
 
 rule fetch_model:
     input:
-        archives=sample_text_input,
-        code=lib("tinymodels"),
+        unpack(inputs("fetch_model")),
     output:
-        directory(BASE_MODEL),
+        **outputs("fetch_model"),
     params:
-        config=CONFIG_ARG,
-        settings=lambda wildcards: section(f"models.{wildcards.model}"),
+        **params("fetch_model"),
+    wildcard_constraints:
+        **constraints("fetch_model"),
     log:
-        f"logs/fetch_model/{RUN}/{{model}}.log",
+        log_of("fetch_model"),
     shell:
-        "python workflow/scripts/fetch_model.py --config {params.config} --model {wildcards.model}"
-        " --archives {input.archives} --out {output} --log {log}"
+        shell_of("fetch_model")
+
+
+rule build_model:
+    input:
+        unpack(inputs("build_model")),
+    output:
+        **outputs("build_model"),
+    params:
+        **params("build_model"),
+    wildcard_constraints:
+        **constraints("build_model"),
+    log:
+        log_of("build_model"),
+    shell:
+        shell_of("build_model")
 
 
 rule finetune:
     input:
-        data=rules.prepare.output.splits,
-        base=BASE_MODEL,
-        code=lib("training", "prompts", "modeling", "extraction"),
+        unpack(inputs("finetune")),
     output:
-        directory(ADAPTER),
+        **outputs("finetune"),
     params:
-        config=CONFIG_ARG,
-        settings=lambda wildcards: section(
-            "finetune", f"recipes.{wildcards.recipe}", f"prompts.{wildcards.dataset}", f"models.{wildcards.model}"
-        ),
-        data_dir=lambda wildcards, input: os.path.dirname(input.data[0]),
+        **params("finetune"),
+    wildcard_constraints:
+        **constraints("finetune"),
+    threads: threads_of("finetune")
     resources:
         gpu=gpus("finetune"),
-    threads: 1
     log:
-        f"logs/finetune/{RUN}/{{dataset}}/{{model}}/{{recipe}}.log",
+        log_of("finetune"),
     shell:
-        "python workflow/scripts/finetune.py --config {params.config} --model {wildcards.model}"
-        " --dataset {wildcards.dataset} --recipe {wildcards.recipe} --data-dir {params.data_dir} --base {input.base}"
-        " --out {output} --threads {threads} --log {log}"
+        shell_of("finetune")

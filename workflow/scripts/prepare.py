@@ -2,7 +2,7 @@
 
 Example:
     python workflow/scripts/prepare.py --config params.yaml --dataset anecdotes \
-        --raw-dir data/paper/raw --out-dir data/paper/processed/anecdotes
+        --archive data/paper/raw/anecdotes.tar.gz --out-dir data/paper/processed/anecdotes
 """
 
 from pathlib import Path
@@ -14,10 +14,10 @@ from moralign.steps import prepare
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--raw-dir", required=True, type=Path, help="folder of the release archives")
+    p.add_argument("--archive", required=True, type=Path, help="the dataset's release archive")
     p.add_argument("--out-dir", required=True, type=Path)
     args = p.parse_args(argv)
-    prepare.run(cli.start(args), args.dataset, args.raw_dir, args.out_dir)
+    prepare.run(cli.start(args), args.dataset, args.archive, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Example:
         --data-dir data/paper/processed/dilemmas \
         --predictions results/paper/predictions/dilemmas/zephyr-7b-beta/soft \
         --baseline results/paper/predictions/dilemmas/zephyr-7b-beta/base \
-        --out results/paper/scores/dilemmas/zephyr-7b-beta/soft.json
+        --out results/paper/scores/dilemmas/zephyr-7b-beta/soft.json \
+        --items results/paper/scores/dilemmas/zephyr-7b-beta/soft.items.parquet
 """
 
 from pathlib import Path
@@ -21,9 +22,19 @@ def main(argv=None):
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--predictions", required=True, type=Path)
     p.add_argument("--baseline", type=Path, help="base-condition predictions, for paired differences")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the cell's scores (JSON)")
+    p.add_argument("--items", required=True, type=Path, help="per-item metrics (Parquet)")
     args = p.parse_args(argv)
-    score.run(cli.start(args), args.dataset, args.condition, args.data_dir, args.predictions, args.out, args.baseline)
+    score.run(
+        cli.start(args),
+        args.dataset,
+        args.condition,
+        args.data_dir,
+        args.predictions,
+        args.out,
+        args.items,
+        args.baseline,
+    )
 
 
 if __name__ == "__main__":

@@ -64,11 +64,19 @@ class HFPredictor(Predictor):
 
 def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> HFPredictor:
     """Load the cell's base model (and adapter) from the folders fetch_model and finetune wrote."""
-    from moralign.modeling import fingerprint_files, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from moralign.modeling import (
+        configure_torch,
+        fingerprint_files,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
     from moralign.sources import base_identity
 
     settings = cfg["extract"]
     device = resolve_device(settings["device"])
+    runtime = configure_torch(settings["threads"], device)
     dtype = resolve_dtype(settings["dtype"], device)
     tokenizer = load_tokenizer(str(inputs.base_dir))
     lm = load_model(str(inputs.base_dir), None, device, dtype, settings["quantization"], inputs.adapter_dir)
@@ -80,6 +88,7 @@ def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInp
         adapter=fingerprint_files(inputs.adapter_dir) if inputs.adapter_dir else None,
         condition=condition,
         dataset=dataset,
+        runtime=runtime,
         environment=environment(),
     )
     return predictor

@@ -24,7 +24,7 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
     """Write the adapter and its ``metadata.json`` to ``out_dir``; checkpoints live beside it until the end."""
     import torch
 
-    from moralign.modeling import load_model, load_tokenizer, resolve_device
+    from moralign.modeling import configure_torch, load_model, load_tokenizer, resolve_device
 
     settings = cfg.finetune(recipe)
     meta_path = out_dir / "metadata.json"
@@ -33,6 +33,7 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
         log.info("%s is already trained with these settings; nothing to do", out_dir)
         return
     device = resolve_device(settings["device"])
+    runtime = configure_torch(settings["threads"], device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(settings["seed"])
     tokenizer = load_tokenizer(str(base_dir))
@@ -80,6 +81,7 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
         "train_examples": len(rows),
         "dev_items": len(dev_ids),
         **result,
+        "runtime": runtime,
         "environment": environment(),
     }
     with atomic_dir(out_dir) as tmp:

@@ -11,8 +11,8 @@ from moralign.config import Config
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, dataset: str, raw_dir: Path, out_dir: Path) -> None:
-    """Write ``out_dir/<split>.parquet`` and ``stats.json`` from the archive in ``raw_dir``."""
-    stats = data.prepare(dataset, raw_dir / f"{data.TASKS[dataset].archive}.tar.gz", out_dir)
+def run(cfg: Config, dataset: str, archive: Path, out_dir: Path) -> None:
+    """Write ``out_dir/<split>.parquet`` and ``stats.json`` from the release archive ``archive``."""
+    stats = data.prepare(dataset, archive, out_dir)
     for split, counts in stats["splits"].items():
         log.info("%s/%s: %s", dataset, split, counts)

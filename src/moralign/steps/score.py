@@ -16,11 +16,12 @@ def run(
     data_dir: Path,
     pred_dir: Path,
     out: Path,
+    items: Path,
     baseline_dir: Path | None = None,
 ) -> None:
-    """Write the cell's scores to ``out`` and its per-item metrics beside it (``.items.parquet``)."""
+    """Write the cell's scores to ``out`` and its per-item metrics to ``items``."""
     split = cfg["experiment"]["eval_split"]
     result, per_item = score_cell(pred_dir, data_dir, split, cfg["score"], baseline_dir)
     result.update(split=split, condition=condition, provenance=read_json(pred_dir / "summary.json")["provenance"])
     write_json(out, result)
-    write_parquet(out.with_suffix(".items.parquet"), per_item)
+    write_parquet(items, per_item)

@@ -1,0 +1,204 @@
+"""The stage table: both front ends come from it, agree on every instance, and declare everything a step runs."""
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from moralign import stages
+from moralign.config import load_config
+from tests.conftest import ROOT, copy_repo, dvc_yaml_for, run
+
+CONFIG_ARG = re.compile(r"--config \S+")
+
+
+def snakemake_plan(repo: Path, *args: str) -> dict[tuple[str, frozenset], dict]:
+    """(rule, outputs) -> inputs and command of every job of a dry run."""
+    out = run(["snakemake", "-n", "-p", *args], repo).stdout
+    jobs, job = {}, None
+    for line in out.splitlines():
+        s = line.strip()
+        if s.startswith(("rule ", "localrule ")) and s.endswith(":"):
+            job = {"rule": s.split()[1][:-1], "inputs": set(), "outputs": set(), "cmd": None}
+        elif job is None:
+            continue
+        elif s.startswith("input:"):
+            job["inputs"] = {p.strip() for p in s[len("input:") :].split(",")}
+        elif s.startswith("output:"):
+            job["outputs"] = {p.strip() for p in s[len("output:") :].split(",")}
+        elif s.startswith("Shell command:") or (s.startswith("python workflow/") and job["cmd"] is None):
+            job["cmd"] = " ".join(s.removeprefix("Shell command:").split())
+            if job["rule"] != "all":
+                jobs[job["rule"], frozenset(job["outputs"])] = job
+            job = None
+    return jobs
+
+
+DVC_PLAN = """
+import json
+from dvc.dependency.param import ParamsDependency
+from dvc.repo import Repo
+stages = []
+for s in Repo('.').index.stages:
+    params = [k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params]
+    deps = [str(d.def_path) for d in s.deps if not isinstance(d, ParamsDependency)]
+    stages.append([s.addressing, deps, [str(o.def_path) for o in s.outs], params, s.cmd])
+print(json.dumps(stages))
+"""
+
+
+def dvc_plan(repo: Path) -> dict[tuple[str, frozenset], dict]:
+    """(stage group, outputs) -> inputs, params and command of every DVC stage instance."""
+    found = json.loads(run([sys.executable, "-c", DVC_PLAN], repo).stdout)
+    return {
+        (name.split("@")[0], frozenset(outs)): {"name": name, "inputs": set(deps), "params": params, "cmd": cmd}
+        for name, deps, outs, params, cmd in found
+    }
+
+
+def test_committed_dvc_yaml_is_generated_from_the_table():
+    generated = run([sys.executable, "-m", "moralign.stages", "dvc"], ROOT).stdout
+    assert (ROOT / "dvc.yaml").read_text() == generated, "regenerate: python -m moralign.stages dvc > dvc.yaml"
+
+
+@pytest.mark.parametrize("config", ["params.yaml", "config/demo.yaml"])
+def test_snakemake_and_dvc_agree_on_every_instance(tmp_path, config):
+    """Same steps, inputs, outputs, config sections and commands (but the config file's path) in both."""
+    repo = copy_repo(tmp_path / "repo")
+    run("git init -q", repo)
+    dvc_yaml_for(repo, config)
+    smk = snakemake_plan(repo, "--forceall", *(["--configfile", config] if config != "params.yaml" else []))
+    dvc = dvc_plan(repo)
+    assert set(smk) == set(dvc), (sorted(set(smk) - set(dvc))[:3], sorted(set(dvc) - set(smk))[:3])
+    for key, job in smk.items():
+        twin = dvc[key]
+        assert job["inputs"] == twin["inputs"], (key, job["inputs"] ^ twin["inputs"])
+        assert CONFIG_ARG.sub("--config X", job["cmd"]) == CONFIG_ARG.sub("--config X", twin["cmd"]), key
+        sections = re.search(r"--sections ((?:(?!--)\S+ )*)", job["cmd"]).group(1).split()
+        assert sections == twin["params"], key  # what Snakemake hashes is what DVC tracks
+    rules = {rule for rule, _ in smk}
+    expected = {s.name for s in stages.STAGES} - ({"build_model"} if config == "params.yaml" else {"fetch_model"})
+    assert rules == expected
+
+
+def test_code_dependencies_follow_the_imports():
+    by_stage = {s.name: set(s.code()) for s in stages.STAGES}
+    # the metric code re-scores without re-extracting or re-training, and the engine re-extracts without re-scoring
+    assert "src/moralign/metrics.py" in by_stage["score_tuned"] and "src/moralign/metrics.py" in by_stage["references"]
+    for step in ("extract_base", "extract_tuned", "finetune", "prepare"):
+        assert "src/moralign/metrics.py" not in by_stage[step], step
+    assert (
+        "src/moralign/extraction.py" in by_stage["extract_tuned"] and "src/moralign/training.py" in by_stage["finetune"]
+    )
+    assert "src/moralign/extraction.py" not in by_stage["score_base"]
+    # lazy imports inside functions count, and so do the data files a module reads (the config schema)
+    assert "src/moralign/predictors/hf.py" in by_stage["extract_base"]  # imported by name at run time
+    assert "src/moralign/config.schema.yaml" in by_stage["download"]
+    assert all(f"workflow/scripts/{s.script}.py" in by_stage[s.name] for s in stages.STAGES)
+    # every module of the package is run by some step (or is the table itself)
+    runs = set().union(*by_stage.values())
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "src/moralign").rglob("*.py")}
+    assert modules - runs <= {"src/moralign/stages.py"}, modules - runs
+
+
+def test_module_imports_are_found_anywhere(tmp_path, monkeypatch):
+    package = tmp_path / "moralign"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from moralign.sub import b\n    return b\n")
+    (package / "sub" / "b.py").write_text(
+        "import json\nfrom pathlib import Path\nX = Path(__file__).with_name('t.csv')\n"
+    )
+    (package / "sub" / "t.csv").write_text("x\n")
+    monkeypatch.setattr(stages, "SRC", package)
+    monkeypatch.setattr(stages, "ROOT", tmp_path)
+    stages.module_dependencies.cache_clear()
+    try:
+        found = stages.module_dependencies("moralign.a")
+    finally:
+        stages.module_dependencies.cache_clear()
+    assert found == {
+        "moralign/a.py",
+        "moralign/__init__.py",
+        "moralign/sub/__init__.py",
+        "moralign/sub/b.py",
+        "moralign/sub/t.csv",
+    }
+
+
+def test_steps_read_only_declared_sections():
+    cfg = load_config(ROOT / "config/demo.yaml")
+    part = cfg.restrict(["score", "models.tiny-llama", "experiment.eval_split"])
+    assert part["score"] == cfg["score"] and part.model("tiny-llama") == cfg.model("tiny-llama")
+    assert part["experiment"]["eval_split"] == "test"
+    from moralign.config import ConfigError
+
+    for read in (lambda: part["extract"], lambda: part.model("tiny-mistral"), lambda: part["experiment"]["models"]):
+        with pytest.raises(ConfigError, match="not among the sections this step declared"):
+            read()
+
+
+def _instances(plan: stages.Plan) -> list[tuple[str, str, set[str], set[str]]]:
+    """(rule, instance key, inputs, outputs) of every instance, from the table."""
+    out = []
+    for stage in plan.stages:
+        inputs, outputs = plan.inputs(stage), plan.outputs(stage)
+        for inst in plan.instances(stage):
+            key = "-".join(inst[w] for w in stage.wildcards)
+            ins = {stages.fill(p, inst) for v in inputs.values() for p in (v if isinstance(v, list) else [v])}
+            outs = {stages.fill(p, inst) for v in outputs.values() for p in (v if isinstance(v, list) else [v])}
+            out.append((stage.name, key, ins, outs))
+    return out
+
+
+def _downstream(instances, changed: set[str]) -> set[str]:
+    """Names of the changed instances and of every instance that consumes their outputs, transitively."""
+    names = set(changed)
+    grew = True
+    while grew:
+        grew = False
+        produced = {o for rule, key, _, outs in instances if f"{rule}@{key}" in names for o in outs}
+        for rule, key, ins, _ in instances:
+            name = f"{rule}@{key}"
+            if name not in names and ins & produced:
+                names.add(name)
+                grew = True
+    return names
+
+
+@pytest.mark.slow
+def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_repo, tmp_path):
+    """For every file a step runs: Snakemake plans its dependents (and what follows), DVC flags exactly them."""
+    smk_repo = tmp_path / "smk"
+    shutil.copytree(demo_run, smk_repo, symlinks=True)
+    plan = stages.Plan(load_config([ROOT / "params.yaml", ROOT / "config/demo.yaml"]))
+    instances = _instances(plan)
+    by_outputs = {frozenset(outs): f"{rule}@{key}" for rule, key, _, outs in instances}
+    files = sorted({f for s in plan.stages if plan.instances(s) for f in s.code()})
+    assert len(files) > 20
+    assert snakemake_plan(smk_repo, "--configfile", "config/demo.yaml") == {}
+    for rel in files:
+        direct = {f"{r}@{k}" for r, k, ins, _ in instances if rel in ins}
+        planned = {}
+        for repo in (smk_repo, dvc_repo):
+            path = repo / rel
+            text, stat = path.read_bytes(), path.stat()
+            try:
+                path.write_bytes(text + b"\n# edited\n")
+                if repo == smk_repo:
+                    jobs = snakemake_plan(repo, "--configfile", "config/demo.yaml")
+                    planned["snakemake"] = {by_outputs[outs] for _, outs in jobs}
+                else:
+                    status = json.loads(run(["dvc", "status", "--json"], repo).stdout or "{}")
+                    planned["dvc"] = set(status)
+            finally:
+                path.write_bytes(text)
+                os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert planned["dvc"] == direct, rel
+        assert planned["snakemake"] == _downstream(instances, direct), rel
+    assert "up to date" in run(["dvc", "status"], dvc_repo).stdout
