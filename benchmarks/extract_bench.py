@@ -32,9 +32,10 @@ import pandas as pd
 import torch
 
 from moralign import extraction as ex
-from moralign.data import TASKS, fetch_archive, prepare
+from moralign.data import TASKS, prepare
 from moralign.modeling import load_model, load_tokenizer
 from moralign.prompts import PromptBuilder, select_shots
+from moralign.sources import fetch_archive
 from moralign.tinymodels import build_tiny_model
 
 SPEC = {

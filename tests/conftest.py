@@ -32,7 +32,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def raw_dir(tmp_path_factory) -> Path:
     """Synthetic release archives (small splits)."""
-    from moralign.data import fetch_archive
+    from moralign.sources import fetch_archive
 
     out = tmp_path_factory.mktemp("raw")
     for archive in ("anecdotes", "dilemmas"):

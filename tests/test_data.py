@@ -9,13 +9,13 @@ import pytest
 from moralign.data import (
     ANECDOTE_LABELS,
     DataError,
-    fetch_archive,
     member_name,
     prepare,
     safe_extract,
     sha256_file,
 )
 from moralign.sample import anecdote_record, dilemma_record, write_sample_archive
+from moralign.sources import fetch_archive
 
 SIZES = {"train": 30, "dev": 10, "test": 10}
 ANECDOTE_FIELDS = {
@@ -86,6 +86,10 @@ def test_prepare_builds_task_tables(processed):
     dil = pd.read_parquet(processed["dilemmas"] / "dev.parquet")
     assert (np.stack(dil["counts"].to_numpy()).sum(1) == 5).all()
     assert {"action1", "action2"} <= set(dil.columns)
+    # the anecdote's action description is kept; "" where the release has `action: null` (counted)
+    stats = json.loads((processed["anecdotes-5way"] / "stats.json").read_text())["splits"]["dev"]
+    assert stats["items_out"] == stats["items_in"] and stats["no_action"] == (five["action"] == "").sum() > 0
+    assert (five["action"] != "").sum() > 0 and five["action"].map(lambda a: isinstance(a, str)).all()
 
 
 def _archive(path, archive, lines, split="dev"):
@@ -109,6 +113,7 @@ def test_zero_vote_items_are_dropped_and_counted(tmp_path):
         rec,
         id="info-only",
         label_scores={k: 0 for k in ANECDOTE_LABELS} | {"INFO": 3},
+        label="INFO",
         binarized_label_scores={"RIGHT": 0, "WRONG": 0},
     )
     path = _archive(tmp_path / "a.tar.gz", "anecdotes", [json.dumps(rec), json.dumps(only_info)])
@@ -118,6 +123,8 @@ def test_zero_vote_items_are_dropped_and_counted(tmp_path):
         "dropped_zero_votes": 1,
         "ties": stats["splits"]["dev"]["ties"],
         "items_out": 1,
+        "empty_text": 0,
+        "no_action": int(rec["action"] is None) + int(only_info["action"] is None),
     }
     # the five-way task keeps it (INFO is one of its choices)
     assert prepare("anecdotes-5way", path, tmp_path / "out5")["splits"]["dev"]["dropped_zero_votes"] == 0
@@ -138,9 +145,10 @@ def test_malformed_anecdotes_name_file_line_and_field(tmp_path, mutate, field):
     good, bad = anecdote_record(rng), anecdote_record(rng)
     mutate(bad)
     path = _archive(tmp_path / "a.tar.gz", "anecdotes", [json.dumps(good), json.dumps(bad)])
-    with pytest.raises(DataError, match=rf"dev\.scruples-anecdotes\.jsonl:2: field '[^']*{field}"):
+    with pytest.raises(DataError, match=rf"a\.tar\.gz:anecdotes/dev\.scruples-anecdotes\.jsonl:2: field '[^']*{field}"):
         prepare("anecdotes", path, tmp_path / "out")
-    assert not list((tmp_path / "out").glob("dev.parquet")) if (tmp_path / "out").exists() else True
+    # validate everything, then write: the valid train split before the bad dev split is not written either
+    assert not (tmp_path / "out").exists()
 
 
 def test_malformed_dilemmas_and_json(tmp_path):

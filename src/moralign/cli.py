@@ -8,7 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from moralign.config import Config, load_config
+from moralign.config import Config, ConfigError, load_config
+from moralign.errors import DataError
 from moralign.io import setup_logging
 
 
@@ -39,9 +40,25 @@ def start(args: argparse.Namespace) -> Config:
 
 
 def run(main: Callable[[Sequence[str] | None], None]) -> None:
-    """Run a step's main(); a failure is logged with its reason and exits non-zero."""
+    """Run a step's main(); a failure is logged with its reason and exits non-zero.
+
+    Bad input (:class:`DataError`, :class:`ConfigError`) is the user's to fix, so it is printed as ONE line on
+    stderr (``<step>: error: <where>: <reason>``) with no traceback; the traceback still goes to the log file.
+    Anything else is a bug and is logged with its traceback everywhere.
+    """
     try:
         main(None)
+    except (DataError, ConfigError) as err:
+        logger = logging.getLogger("moralign")
+        files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+        if files:
+            record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "step failed", (), sys.exc_info())
+            for handler in files:
+                handler.handle(record)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        log_note = f" (traceback in {files[0].baseFilename})" if files else ""
+        print(f"{Path(sys.argv[0]).stem}: error: {message}{log_note}", file=sys.stderr)
+        sys.exit(1)
     except Exception:
         logging.getLogger("moralign").exception("step failed")
         sys.exit(1)

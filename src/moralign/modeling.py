@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -106,16 +105,3 @@ def load_model(
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     return model
-
-
-def fingerprint_files(folder: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "*.json")) -> str:
-    """sha256 over a folder's weight and config files (names and contents), for provenance."""
-    h = hashlib.sha256()
-    folder = Path(folder)
-    for pattern in patterns:
-        for path in sorted(folder.glob(pattern)):
-            h.update(path.name.encode())
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]

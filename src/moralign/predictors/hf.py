@@ -64,17 +64,13 @@ class HFPredictor(Predictor):
 
 def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> HFPredictor:
     """Load the cell's base model (and adapter) from the folders fetch_model and finetune wrote."""
-    from moralign.modeling import (
-        configure_torch,
-        fingerprint_files,
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_dtype,
-    )
-    from moralign.sources import base_identity
+    from moralign.modelfiles import base_identity, check_adapter, check_model_folder, fingerprint_files
+    from moralign.modeling import configure_torch, load_model, load_tokenizer, resolve_device, resolve_dtype
 
     settings = cfg["extract"]
+    check_model_folder(inputs.base_dir, cfg.model(model)["chat_template"])
+    if inputs.adapter_dir is not None:
+        check_adapter(inputs.adapter_dir, inputs.base_dir)
     device = resolve_device(settings["device"])
     runtime = configure_torch(settings["threads"], device)
     dtype = resolve_dtype(settings["dtype"], device)

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from moralign.config import Config
-from moralign.data import fetch_archive
+from moralign.sources import fetch_archive
 
 log = logging.getLogger(__name__)
 

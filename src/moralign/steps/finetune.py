@@ -14,8 +14,8 @@ from moralign import training
 from moralign.config import Config, digest
 from moralign.data import counts_matrix
 from moralign.io import atomic_dir, environment, read_json, write_json
+from moralign.modelfiles import base_identity, check_model_folder
 from moralign.prompts import PromptBuilder
-from moralign.sources import base_identity
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
     from moralign.modeling import configure_torch, load_model, load_tokenizer, resolve_device
 
     settings = cfg.finetune(recipe)
+    check_model_folder(base_dir, cfg.model(model)["chat_template"])
     meta_path = out_dir / "metadata.json"
     fingerprint = digest({"settings": settings, "prompt": cfg.prompt(dataset), "model": cfg.model(model)})
     if meta_path.exists() and read_json(meta_path).get("fingerprint") == fingerprint:
