@@ -4,7 +4,7 @@ import re
 
 from moralign.config import CONDITION_BASE, load_config, validate, write_resolved
 from moralign.data import TASKS
-from moralign.reporting import FIGURES
+from moralign.figures import FIGURES
 
 # The same files, merged the same way, reach every step through --config (Snakemake's configfile first,
 # then each --configfile overlay in order).

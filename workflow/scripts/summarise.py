@@ -6,7 +6,7 @@ Example:
 
 from pathlib import Path
 
-from moralign import cli, reporting
+from moralign import cli, tables
 
 
 def main(argv=None):
@@ -15,8 +15,8 @@ def main(argv=None):
     p.add_argument("--out-dir", required=True, type=Path)
     args = p.parse_args(argv)
     cfg = cli.start(args)
-    cells, refs = reporting.collect_scores(args.scores, cfg.cells())
-    reporting.tabulate(cells, refs, args.out_dir)
+    cells, refs = tables.collect_scores(args.scores, cfg.cells())
+    tables.tabulate(cells, refs, args.out_dir)
 
 
 if __name__ == "__main__":
