@@ -204,8 +204,7 @@ def test_debias_swap_averages_both_orders(tmp_path, tiny_models, processed):
     from tests.conftest import ROOT
 
     raw = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
-    raw["extract"]["splits"] = ["dev"]
-    raw["experiment"]["eval_split"] = "dev"
+    raw["extract"]["splits"] = ["dev", "test"]
     raw["extract"]["max_items"] = 12
     base = tmp_path / "base"
     shutil.copytree(tiny_models["llama"], base)
@@ -217,7 +216,7 @@ def test_debias_swap_averages_both_orders(tmp_path, tiny_models, processed):
         outs[mode] = pd.read_parquet(tmp_path / mode / "dev.parquet")
     # the reference: the same items with their actions exchanged in the data, scored plainly
     (tmp_path / "swapped").mkdir()
-    for split in ("train", "dev"):
+    for split in ("train", "dev", "test"):
         pd.read_parquet(processed["dilemmas"] / f"{split}.parquet").rename(
             columns={"action1": "action2", "action2": "action1"}
         ).to_parquet(tmp_path / "swapped" / f"{split}.parquet")

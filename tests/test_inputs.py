@@ -311,10 +311,7 @@ def _edit_split(split_name, fn):
 def scores_case(cells=RUN_CELLS, where=None, model_configs=None, **kw):
     def run(tmp, ctx):
         folder = _scores(tmp / "scores", cells, **kw)
-        models = ["tiny-llama"]
-        action = lambda: check_scores(  # noqa: E731
-            [folder], ["anecdotes", "dilemmas"], models, ["base", "soft"], "test", model_configs
-        )
+        action = lambda: check_scores([folder], RUN_CELLS, "test", model_configs)  # noqa: E731
         return action, str(folder / where) if where else str(folder)
 
     return check_case(run)
@@ -800,9 +797,9 @@ def test_matching_adapter_predictions_and_scores_pass(tmp_path, processed):
     # cells outside the run (an old model) are ignored, as the summary ignores them
     scores = _scores(tmp_path / "scores", [*RUN_CELLS, ("dilemmas", "old-model", "base")])
     cfg = {"tiny-llama": {"build": {"architecture": "llama"}, "chat_template": True}}
-    check_scores([scores], ["anecdotes", "dilemmas"], ["tiny-llama"], ["base", "soft"], "test", cfg)
+    check_scores([scores], RUN_CELLS, "test", cfg)
     files = sorted(scores.rglob("*.json"))
-    check_scores(files, ["anecdotes", "dilemmas"], ["tiny-llama"], ["base", "soft"], "test")
+    check_scores(files, RUN_CELLS, "test")
 
 
 def test_a_config_error_is_one_line_too(tmp_path):

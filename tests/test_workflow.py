@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from moralign.figures import FIGURES
 from moralign.metrics import METRICS
-from moralign.reporting import FIGURES
 from tests.conftest import ROOT, run
 
 

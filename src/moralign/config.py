@@ -262,6 +262,17 @@ def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
     for dataset in exp["datasets"]:
         if dataset not in cfg["prompts"]:
             raise ConfigError(f"{origin}: experiment.datasets has '{dataset}' but prompts.{dataset} is missing")
+    if exp["eval_split"] == "dev":
+        raise ConfigError(
+            f"{origin}: experiment.eval_split is 'dev', but the temperature (calibrated_xentropy) and the "
+            "concentration (dirichlet_fitted) are fitted on dev, so a dev evaluation would report them fitted on "
+            "the evaluated items themselves; set experiment.eval_split: test"
+        )
+    if "dev" not in cfg["extract"]["splits"]:
+        raise ConfigError(
+            f"{origin}: extract.splits {cfg['extract']['splits']} lacks 'dev', on which every cell's temperature "
+            "and concentration are fitted; add dev to extract.splits"
+        )
     if exp["eval_split"] not in cfg["extract"]["splits"]:
         raise ConfigError(
             f"{origin}: experiment.eval_split '{exp['eval_split']}' is not among extract.splits "

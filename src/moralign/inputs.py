@@ -178,27 +178,26 @@ def check_baseline(pred_dir: str | Path, baseline_dir: str | Path, splits: Itera
 
 def check_scores(
     paths: Iterable[str | Path],
-    datasets: list[str],
-    models: list[str],
-    conditions: list[str],
+    cells: list[tuple[str, str, str]],
     split: str,
     model_configs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """The score and reference files ``summarise`` tabulates are this run's, complete and unambiguous.
 
     ``paths`` are files or folders (searched for ``*.json``) as the summarise step receives them. Every
-    (dataset, model, condition) cell of the run must have exactly one score file and every dataset exactly one
-    reference file, all on ``split`` (the run's ``experiment.eval_split``). Files of cells outside the run are
-    ignored, as the summary ignores them. With ``model_configs`` (the config's ``models.<name>`` of each model)
+    (dataset, model, condition) cell of the run (``cells``) must have exactly one score file and every dataset
+    exactly one reference file, all on ``split`` (the run's ``experiment.eval_split``). Files of cells outside the
+    run are ignored, as the summary ignores them. With ``model_configs`` (the config's ``models.<name>`` of each model)
     each cell's base model must also be the one the run configures: a same-named model of another run fails.
     """
     paths = [Path(p) for p in paths]
+    wanted, datasets = set(cells), list(dict.fromkeys(d for d, _, _ in cells))
     files = []
     for path in paths:
         if not path.exists():
             raise DataError(f"{path}: no such score file or folder")
         files += sorted(path.rglob("*.json")) if path.is_dir() else [path]
-    cells: dict[tuple[str, str, str], Path] = {}
+    found: dict[tuple[str, str, str], Path] = {}
     refs: dict[str, Path] = {}
     for file in files:
         score = _read_json(file, "a score or reference file")
@@ -215,16 +214,16 @@ def check_scores(
         if not isinstance(prov, dict) or "condition" not in score:
             raise DataError(f"{file}: neither a score file (provenance, condition) nor a reference file (rows)")
         cell = (prov.get("dataset"), prov.get("model"), score["condition"])
-        if cell[0] not in datasets or cell[1] not in models or cell[2] not in conditions:
+        if cell not in wanted:
             continue
         _same_split(file, score, split)
-        if cell in cells:
-            raise DataError(f"{file}: a second score file for {cell} (first: {cells[cell]}): two runs mixed?")
+        if cell in found:
+            raise DataError(f"{file}: a second score file for {cell} (first: {found[cell]}): two runs mixed?")
         if model_configs is not None:
             _same_model(file, prov.get("base") or {}, cell[1], model_configs[cell[1]])
-        cells[cell] = file
+        found[cell] = file
     where = ", ".join(str(p) for p in paths)
-    missing = [(d, m, c) for d in datasets for m in models for c in conditions if (d, m, c) not in cells]
+    missing = [cell for cell in cells if cell not in found]
     if missing:
         raise DataError(
             f"{where}: no score for {len(missing)} cell(s) of this run, e.g. {missing[:3]} (dataset, model, "

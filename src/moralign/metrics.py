@@ -4,10 +4,29 @@ Notation: counts y (items x choices), N = y.sum(1), human distribution h = y / N
 (given as log p). Everything is computed in log space; p is never clipped. All functions are vectorised over
 items and return per-item values where the metric is a mean over items, so intervals come from the same code.
 Lower is better except for accuracy, macro_f1 and coverage.
+
+What the metrics accept, and what they refuse (:func:`check_inputs`; an error names the items, never a silent
+skip by a NaN-mean):
+
+* every row of log p is a distribution: no NaN, no p > 1, exp(log p) sums to 1 (within 1e-6);
+* log p = -inf (p = 0) is legitimate only for a choice nobody voted for: it adds nothing to xentropy
+  (0 log 0 = 0) and a factor 1 to the Dirichlet likelihood. p = 0 on a voted choice makes xentropy and dirichlet
+  infinite; extraction works in log space, so a real model never gets there by underflow, and such an item is an
+  error naming it rather than an infinite mean (which a paired difference would then turn into NaN);
+* the only NaN a per-item metric may hold is ``accuracy`` on an item whose HUMAN majority is tied: those items
+  are excluded by design and counted (``n_ties``).
+
+A predicted tie (log p exactly equal on the k top choices) is not an argmax to the first of them (which would
+depend on the order of the choices): it counts as 1/k of a prediction of each tied choice, the expectation of a
+uniformly random tie-break. Accuracy gets 1/k credit when the majority is among them; macro-F1 is computed from
+the same fractional confusion counts (F1 of the expected confusion matrix, which, like accuracy, does not depend
+on the choice order; the expected F1 itself has no closed form since F1 is not linear in the counts).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,11 +59,17 @@ def xentropy(h: np.ndarray, logp: np.ndarray) -> np.ndarray:
 
 
 def dirichlet_multinomial_nll(counts: np.ndarray, log_alpha: np.ndarray) -> np.ndarray:
-    """Per-item Dirichlet-multinomial NLL of the votes, Scruples' form (no multinomial coefficient)."""
+    """Per-item Dirichlet-multinomial NLL of the votes, Scruples' form (no multinomial coefficient).
+
+    A choice with no votes contributes Γ(alpha + 0) / Γ(alpha) = 1 for every alpha, also alpha = 0 (p = 0), where
+    the two log-gammas would be inf - inf.
+    """
     alpha = np.exp(log_alpha)
     total = alpha.sum(axis=1)
     n = counts.sum(axis=1)
-    loglik = gammaln(total) - gammaln(total + n) + (gammaln(alpha + counts) - gammaln(alpha)).sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(counts > 0, gammaln(alpha + counts) - gammaln(alpha), 0.0)
+    loglik = gammaln(total) - gammaln(total + n) + terms.sum(axis=1)
     return -loglik
 
 
@@ -66,9 +91,11 @@ def total_variation(h: np.ndarray, logp: np.ndarray) -> np.ndarray:
 def jensen_shannon(h: np.ndarray, logp: np.ndarray) -> np.ndarray:
     """Per-item Jensen-Shannon divergence in bits (0 = identical, 1 = disjoint)."""
     p = np.exp(logp)
-    log_m = np.log(0.5 * (p + h))
-    kl_h = _xlogy_zero(h, np.log(np.where(h > 0, h, 1.0)) - log_m).sum(axis=1)
-    kl_p = _xlogy_zero(p, logp - log_m).sum(axis=1)
+    # m = 0 only on a choice with p = h = 0, whose terms _xlogy_zero sets to 0 (the -inf - -inf is never used)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_m = np.log(0.5 * (p + h))
+        kl_h = _xlogy_zero(h, np.log(np.where(h > 0, h, 1.0)) - log_m).sum(axis=1)
+        kl_p = _xlogy_zero(p, logp - log_m).sum(axis=1)
     return 0.5 * (kl_h + kl_p) / np.log(2.0)
 
 
@@ -79,16 +106,73 @@ def majority_labels(counts: np.ndarray) -> np.ndarray:
     return np.where(tied, -1, counts.argmax(axis=1))
 
 
-def macro_f1_from_labels(pred: np.ndarray, true: np.ndarray, n_classes: int) -> np.ndarray:
-    """Macro-F1 over the last axis (vectorised over leading axes, e.g. bootstrap resamples)."""
+def predicted_shares(logp: np.ndarray) -> np.ndarray:
+    """Each item's predicted label as shares over the choices: 1 on the argmax, 1/k on each of k exactly tied tops."""
+    top = logp == logp.max(axis=1, keepdims=True)
+    return top / top.sum(axis=1, keepdims=True)
+
+
+def macro_f1(shares: np.ndarray, labels: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+    """Macro-F1 of predicted label shares against the majority labels (-1 = tied majority, excluded).
+
+    ``shares`` (items x choices) from :func:`predicted_shares`: a predicted tie adds 1/k of a true or false
+    positive to each tied choice. The mean is over the choices that occur as a label or a prediction. With
+    ``idx`` (resamples x items) one value per bootstrap resample; without it, a 0-d array.
+    """
+    if idx is None:
+        idx = np.arange(len(labels))
+    true = labels[idx]
+    valid = true >= 0
     scores = []
-    for c in range(n_classes):
-        tp = ((pred == c) & (true == c)).sum(axis=-1)
-        fp = ((pred == c) & (true != c)).sum(axis=-1)
-        fn = ((pred != c) & (true == c)).sum(axis=-1)
+    for c in range(shares.shape[1]):
+        share, is_c = shares[:, c][idx], true == c
+        tp = (share * is_c).sum(axis=-1)
+        fp = (share * (valid & ~is_c)).sum(axis=-1)
+        fn = ((1.0 - share) * is_c).sum(axis=-1)
         denom = 2 * tp + fp + fn
-        scores.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan))
-    return np.nanmean(np.stack(scores), axis=0)
+        scores.append(np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1.0), np.nan))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no valid item in a resample: NaN, as it should be
+        return np.nanmean(np.stack(scores), axis=0)
+
+
+def _describe(rows: np.ndarray, ids: Sequence[str] | None) -> str:
+    shown = [f"{ids[r]!r}" if ids is not None else f"row {r}" for r in rows[:5]]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return ", ".join(shown) + more
+
+
+def check_inputs(
+    counts: np.ndarray,
+    logp: np.ndarray,
+    coverage: np.ndarray | None = None,
+    ids: Sequence[str] | None = None,
+) -> None:
+    """Raise ValueError naming the items (by id, else by row) that no metric can score honestly.
+
+    Refused: vote counts that are negative or sum to 0; a log p row with NaN, p > 1 or not summing to 1;
+    p = 0 on a choice somebody voted for (infinite xentropy and dirichlet); a coverage outside [0, 1].
+    """
+    counts, logp = np.asarray(counts), np.asarray(logp)
+    if counts.shape != logp.shape or counts.ndim != 2:
+        raise ValueError(f"votes {counts.shape} and predictions {logp.shape} must be (items x choices) alike")
+    if ids is not None and len(ids) != len(counts):
+        raise ValueError(f"{len(ids)} ids for {len(counts)} items")
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.exp(logp).sum(axis=1)
+    problems = (
+        ((counts < 0).any(axis=1) | ~(counts.sum(axis=1) > 0), "have no (or negative) vote counts"),
+        (np.isnan(logp).any(axis=1) | (logp > 1e-9).any(axis=1), "have a NaN or p > 1 prediction"),
+        (~(np.abs(total - 1.0) <= 1e-6), "have a prediction that is not a distribution (p does not sum to 1)"),
+        (((counts > 0) & np.isneginf(logp)).any(axis=1), "give p = 0 to a choice annotators voted for"),
+    )
+    if coverage is not None:
+        cov = np.asarray(coverage, dtype=float)
+        problems += ((~((cov >= 0) & (cov <= 1 + 1e-6)), "have a coverage outside [0, 1]"),)
+    for bad, reason in problems:
+        rows = np.flatnonzero(bad)
+        if len(rows):
+            raise ValueError(f"{len(rows)} item(s) {reason}: {_describe(rows, ids)}")
 
 
 def fit_temperature(h: np.ndarray, logp: np.ndarray) -> float:
@@ -110,10 +194,14 @@ def fit_concentration(counts: np.ndarray, logp: np.ndarray) -> float:
 
 
 def fit_on_dev(dev: tuple[np.ndarray, np.ndarray] | None) -> tuple[float, float]:
-    """Temperature and concentration fitted on (dev counts, dev log p); (1, 1) without dev predictions."""
+    """Temperature and concentration fitted on (dev counts, dev log p); (1, 1) without dev predictions.
+
+    They never see the evaluation split: that is why the evaluation split cannot be dev (config cross-checks).
+    """
     if dev is None:
         return 1.0, 1.0
     counts, logp = dev
+    check_inputs(counts, logp)
     return fit_temperature(counts / counts.sum(1, keepdims=True), logp), fit_concentration(counts, logp)
 
 
@@ -129,14 +217,24 @@ def interval(values: np.ndarray) -> tuple[float, float]:
 
 
 def per_item_metrics(
-    counts: np.ndarray, logp: np.ndarray, coverage: np.ndarray, temperature: float, concentration: float
+    counts: np.ndarray,
+    logp: np.ndarray,
+    coverage: np.ndarray,
+    temperature: float,
+    concentration: float,
+    ids: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every per-item metric (accuracy is NaN on tied items, which the means skip)."""
+    """Every per-item metric; inputs are checked first (:func:`check_inputs`, errors name ``ids``).
+
+    Accuracy is the predicted share of the majority choice (1/k on a predicted k-way tie) and NaN on items whose
+    human majority is tied, the only NaN any metric holds: the means skip those items and count them.
+    """
+    check_inputs(counts, logp, coverage, ids)
     n = counts.sum(axis=1, keepdims=True)
     h = counts / n
     labels = majority_labels(counts)
-    correct = (logp.argmax(axis=1) == labels).astype(float)
-    return {
+    correct = predicted_shares(logp)[np.arange(len(labels)), np.maximum(labels, 0)]
+    items = {
         "xentropy": xentropy(h, logp),
         "calibrated_xentropy": xentropy(h, log_softmax(logp / temperature, axis=1)),
         "dirichlet": dirichlet(counts, logp, 1.0),
@@ -145,8 +243,13 @@ def per_item_metrics(
         "total_variation": total_variation(h, logp),
         "jensen_shannon": jensen_shannon(h, logp),
         "accuracy": np.where(labels >= 0, correct, np.nan),
-        "coverage": coverage,
+        "coverage": np.asarray(coverage, dtype=float),
     }
+    for name, values in items.items():
+        bad = np.flatnonzero(~np.isfinite(values) & (labels >= 0 if name == "accuracy" else True))
+        if len(bad):
+            raise ValueError(f"{name} is not finite for {len(bad)} item(s): {_describe(bad, ids)}")
+    return items
 
 
 def _mean_metric(values: np.ndarray, idx: np.ndarray | None) -> tuple[float, np.ndarray | None]:
@@ -161,13 +264,15 @@ def summarise(
     dev: tuple[np.ndarray, np.ndarray] | None,
     resamples: int = 1000,
     seed: int = 0,
+    ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Every metric of one cell with its 95 % bootstrap interval, plus the fitted T and c.
 
     ``dev`` = (dev counts, dev log p) for the fitted temperature and concentration; without it they are 1.
+    ``ids`` name the items in errors.
     """
     temperature, concentration = fit_on_dev(dev)
-    items = per_item_metrics(counts, logp, coverage, temperature, concentration)
+    items = per_item_metrics(counts, logp, coverage, temperature, concentration, ids)
     idx = bootstrap_indices(len(counts), resamples, seed) if resamples else None
     out: dict[str, Any] = {
         "metrics": {},
@@ -194,7 +299,12 @@ def entry(value: float, reps: np.ndarray | None) -> dict[str, float]:
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Mean of b - a on the same items with a paired bootstrap 95 % interval (NaN items skipped)."""
+    """Mean of b - a on the same items with a paired bootstrap 95 % interval.
+
+    NaN marks an excluded item (accuracy on a tied human majority): it must be NaN in both, and is skipped.
+    """
+    if (np.isnan(a) != np.isnan(b)).any():
+        raise ValueError("paired values are NaN on different items: they do not describe the same items")
     diff = b - a
     value = float(np.nanmean(diff))
     if not resamples:
@@ -207,15 +317,9 @@ def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 1000, seed:
 def _macro_f1_replicates(
     counts: np.ndarray, logp: np.ndarray, idx: np.ndarray | None
 ) -> tuple[float, np.ndarray | None]:
-    labels, pred = majority_labels(counts), logp.argmax(axis=1)
-    keep = labels >= 0
-    value = float(macro_f1_from_labels(pred[keep], labels[keep], counts.shape[1]))
-    if idx is None:
-        return value, None
-    true_b = labels[idx]
-    # tied items are excluded from every resample by giving them a prediction no class matches
-    pred_b = np.where(true_b >= 0, pred[idx], -2)
-    return value, macro_f1_from_labels(pred_b, true_b, counts.shape[1])
+    labels, shares = majority_labels(counts), predicted_shares(logp)
+    value = float(macro_f1(shares, labels))
+    return value, (None if idx is None else macro_f1(shares, labels, idx))
 
 
 def paired_macro_f1_difference(

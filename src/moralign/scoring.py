@@ -29,7 +29,11 @@ class Aligned:
 
 
 def load_aligned(pred_dir: Path, split: str, data_dir: Path) -> Aligned:
-    """Counts, log p and coverage aligned by id; a prediction file with items not in the data is an error."""
+    """Counts, log p and coverage aligned by id; a prediction file with items not in the data is an error.
+
+    Every item is checked (:func:`moralign.metrics.check_inputs`): a NaN, non-distribution or p = 0 on a voted
+    choice is an error naming the file and the item ids, never an item a mean silently skips.
+    """
     gold = pd.read_parquet(data_dir / f"{split}.parquet")
     pred = pd.read_parquet(pred_dir / f"{split}.parquet")
     merged = pred.merge(gold[["id", "counts"]], on="id", how="left", validate="one_to_one")
@@ -37,7 +41,12 @@ def load_aligned(pred_dir: Path, split: str, data_dir: Path) -> Aligned:
         missing = merged.loc[merged["counts"].isna(), "id"].head(3).tolist()
         raise ValueError(f"{pred_dir / (split + '.parquet')}: ids not in {data_dir / split}.parquet, e.g. {missing}")
     p = np.stack(merged["p"].to_numpy())
-    return Aligned(list(merged["id"]), counts_matrix(merged), metrics.log_probs(p), merged["coverage"].to_numpy())
+    aligned = Aligned(list(merged["id"]), counts_matrix(merged), metrics.log_probs(p), merged["coverage"].to_numpy())
+    try:
+        metrics.check_inputs(aligned.counts, aligned.logp, aligned.coverage, aligned.ids)
+    except ValueError as err:
+        raise ValueError(f"{pred_dir / (split + '.parquet')}: {err}") from None
+    return aligned
 
 
 def score_cell(
@@ -49,19 +58,24 @@ def score_cell(
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Every metric of one cell with intervals (T and c fitted on dev), and the result's per-item table.
 
-    With ``baseline_dir`` (a fine-tuned cell) also the paired difference to its base predictions on the same items.
+    ``split`` is the evaluation split; the temperature and concentration are fitted on the cell's dev predictions
+    only, so ``split`` cannot be dev. With ``baseline_dir`` (a fine-tuned cell) also the paired difference to its
+    base predictions on the same items (same ids in the same order; equal vote counts are not enough).
     """
+    if split == "dev":
+        raise ValueError("the evaluation split cannot be dev: the temperature and concentration are fitted on dev")
     resamples, seed = settings["bootstrap_resamples"], settings["seed"]
     cell = load_aligned(pred_dir, split, data_dir)
-    dev = load_aligned(pred_dir, "dev", data_dir).dev_pair if split != "dev" else None
-    result = metrics.summarise(cell.counts, cell.logp, cell.coverage, dev, resamples, seed)
+    dev = load_aligned(pred_dir, "dev", data_dir).dev_pair
+    result = metrics.summarise(cell.counts, cell.logp, cell.coverage, dev, resamples, seed, cell.ids)
     per_item = result.pop("per_item")
     if baseline_dir is not None:
         base = load_aligned(baseline_dir, split, data_dir)
         if base.ids != cell.ids:
             raise ValueError(f"{baseline_dir} and {pred_dir} do not cover the same items in the same order")
-        base_dev = load_aligned(baseline_dir, "dev", data_dir).dev_pair if split != "dev" else None
-        base_items = metrics.per_item_metrics(base.counts, base.logp, base.coverage, *metrics.fit_on_dev(base_dev))
+        base_dev = load_aligned(baseline_dir, "dev", data_dir).dev_pair
+        base_fit = metrics.fit_on_dev(base_dev)
+        base_items = metrics.per_item_metrics(base.counts, base.logp, base.coverage, *base_fit, base.ids)
         diff = {name: metrics.paired_difference(base_items[name], per_item[name], resamples, seed) for name in per_item}
         diff["macro_f1"] = metrics.paired_macro_f1_difference(cell.counts, base.logp, cell.logp, resamples, seed)
         result["difference_to_base"] = diff

@@ -35,8 +35,8 @@ import yaml
 
 from moralign.config import CONDITION_BASE, Config, load_config
 from moralign.data import ARCHIVES, TASKS
+from moralign.figures import FIGURES
 from moralign.predictors import backend_module
-from moralign.reporting import FIGURES
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "moralign"
@@ -292,7 +292,7 @@ STAGES: tuple[Stage, ...] = (
         instances=lambda cfg: [{"dataset": d} for d in cfg.datasets],
         inputs=lambda cfg: {"data": PROCESSED},
         outputs=lambda cfg: {"references": REFERENCES},
-        sections=("score", "experiment.eval_split"),
+        sections=("score", "experiment.eval_split", "extract.max_items"),
         args="--dataset {dataset} --data-dir {input.data} --out {output.references}",
     ),
     Stage(

@@ -8,7 +8,7 @@ Example:
 
 from pathlib import Path
 
-from moralign import cli, reporting
+from moralign import cli, figures
 
 
 def main(argv=None):
@@ -21,7 +21,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = cli.start(args)
     split = cfg["experiment"]["eval_split"]
-    reporting.plot_dataset(
+    figures.plot_dataset(
         args.report_dir, args.dataset, args.predictions, args.data_dir, split, args.out_dir, cfg.cells()
     )
 

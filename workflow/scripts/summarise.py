@@ -6,7 +6,8 @@ Example:
 
 from pathlib import Path
 
-from moralign import cli, reporting
+from moralign import cli, tables
+from moralign.inputs import check_scores
 
 
 def main(argv=None):
@@ -15,8 +16,10 @@ def main(argv=None):
     p.add_argument("--out-dir", required=True, type=Path)
     args = p.parse_args(argv)
     cfg = cli.start(args)
-    cells, refs = reporting.collect_scores(args.scores, cfg.cells())
-    reporting.tabulate(cells, refs, args.out_dir)
+    cells = cfg.cells()
+    check_scores(args.scores, cells, cfg["experiment"]["eval_split"], {m: cfg.model(m) for m in cfg.models})
+    cells, refs = tables.collect_scores(args.scores, cells)
+    tables.tabulate(cells, refs, args.out_dir)
 
 
 if __name__ == "__main__":

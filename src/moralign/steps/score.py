@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moralign.config import Config
+from moralign.config import CONDITION_BASE, Config
+from moralign.inputs import check_baseline, check_predictions
 from moralign.io import read_json, write_json, write_parquet
 from moralign.scoring import score_cell
 
@@ -21,6 +22,11 @@ def run(
 ) -> None:
     """Write the cell's scores to ``out`` and its per-item metrics to ``items``."""
     split = cfg["experiment"]["eval_split"]
+    splits = [split, "dev"]  # dev: the temperature and concentration are fitted there
+    check_predictions(pred_dir, data_dir, dataset, splits, condition=condition)
+    if baseline_dir is not None:
+        check_predictions(baseline_dir, data_dir, dataset, splits, condition=CONDITION_BASE)
+        check_baseline(pred_dir, baseline_dir, splits)
     result, per_item = score_cell(pred_dir, data_dir, split, cfg["score"], baseline_dir)
     result.update(split=split, condition=condition, provenance=read_json(pred_dir / "summary.json")["provenance"])
     write_json(out, result)
