@@ -213,6 +213,7 @@ class FakeOpenAI:
         self.uploads: list[tuple[str, bytes]] = []
         self.batches: dict[str, dict] = {}
         self.polls = 0
+        self.fail_lines = 0  # the first lines of the next batch fail (they go to its error file)
         httpserver.expect_request("/v1/chat/completions", method="POST").respond_with_handler(self.chat)
         httpserver.expect_request("/v1/files", method="POST").respond_with_handler(self.upload)
         httpserver.expect_request(re.compile(r"^/v1/files/[^/]+/content$"), method="GET").respond_with_handler(
@@ -272,8 +273,12 @@ class FakeOpenAI:
             }
             for i, line in enumerate(lines)
         ]
+        for o in out[: self.fail_lines]:
+            o["response"] = {"status_code": 500, "request_id": "req_x", "body": {"error": {"message": "server error"}}}
+        failed, out = out[: self.fail_lines], out[self.fail_lines :]
         random.Random(0).shuffle(out)  # the output file's lines come back in any order
         self.files[f"file-out-{batch_id}"] = ("\n".join(json.dumps(o) for o in out) + "\n").encode()
+        self.files[f"file-err-{batch_id}"] = ("\n".join(json.dumps(o) for o in failed) + "\n").encode()
         self.batches[batch_id] = {
             "id": batch_id,
             "object": "batch",
@@ -292,10 +297,12 @@ class FakeOpenAI:
         batch = self.batches[request.path.rsplit("/", 1)[1]]
         if self.polls >= 2:  # in progress on the first poll, completed from the second on
             n = batch["request_counts"]["total"]
+            failed = len(self.files[f"file-err-{batch['id']}"].strip().splitlines())
             batch.update(
                 status="completed",
                 output_file_id=f"file-out-{batch['id']}",
-                request_counts={"total": n, "completed": n, "failed": 0},
+                error_file_id=f"file-err-{batch['id']}" if failed else None,
+                request_counts={"total": n, "completed": n - failed, "failed": failed},
             )
         else:
             batch["status"] = "in_progress"
@@ -651,3 +658,53 @@ def test_api_model_row_is_scored_with_the_right_values(fake, processed, tmp_path
     h = np.stack(test["counts"].map(np.asarray)) / test["n_votes"].to_numpy()[:, None]
     assert result["metrics"]["xentropy"]["value"] == pytest.approx(float(np.mean(-(h * np.log(p)).sum(axis=1))))
     assert result["provenance"]["api_model"] == MODEL and result["condition"] == "base"
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL inside the process: nothing after it runs."""
+
+
+def test_batch_resumes_polling_after_a_kill_and_resubmits_only_failures(
+    fake, processed, tmp_path, key_env, monkeypatch
+):
+    from moralign.predictors.openai_transport import Transport
+
+    raw = api_config(fake.base_url, mode="batch")
+
+    def killed(self, batch_id):
+        raise Killed
+
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(Transport, "_poll", killed)
+        run_extract(raw, processed, tmp_path)
+    assert len(fake.uploads) == 1 and list((tmp_path / "cache" / "batches").glob("*.json"))
+    out = run_extract(raw, processed, tmp_path)  # resumes polling batch_0: no second upload
+    assert len(fake.uploads) == 1 and len(cache_files(tmp_path)) == 12 and (out / "test.parquet").exists()
+
+    # failed lines of a batch are not cached: the run stops, and a rerun resubmits only them
+    raw["models"]["fake-4o"]["openai"]["seed"] = 7
+    fake.fail_lines = 2
+    with pytest.raises(RuntimeError, match="rerun to retry"):
+        run_extract(raw, processed, tmp_path, name="seed7")
+    assert len(cache_files(tmp_path)) == 12 + 10
+    fake.fail_lines = 0
+    run_extract(raw, processed, tmp_path, name="seed7")
+    assert len(fake.uploads) == 3 and len(fake.batch_lines) == 2 and len(cache_files(tmp_path)) == 24
+
+
+def test_swap_debias_sends_both_orders_and_averages(fake, processed, tmp_path, key_env):
+    raw = api_config(fake.base_url)
+    raw["extract"].update(max_items=3, splits=["test"], debias="swap")
+    out = run_extract(raw, processed, tmp_path)
+    assert len(fake.calls) == 6
+    from moralign.prompts import PromptBuilder, swap_options
+
+    cfg, train = validate(raw), pd.read_parquet(processed["dilemmas"] / "train.parquet")
+    builder = PromptBuilder.from_config(cfg, "fake-4o", "dilemmas", train)
+    sent = {b["messages"][-1]["content"]: b for b in fake.calls}
+    test = pd.read_parquet(processed["dilemmas"] / "test.parquet").head(3)
+    pred = pd.read_parquet(out / "test.parquet")
+    for (_, row), p in zip(test.iterrows(), pred["p"], strict=True):
+        original = expected_p(sent[builder.item_text(row)])
+        swapped = expected_p(sent[builder.item_text(swap_options(row, builder.task))])
+        np.testing.assert_allclose(p, 0.5 * (original + swapped[::-1]))

@@ -34,7 +34,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -59,24 +59,24 @@ DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$|-\d{4}$")  # gpt-4o-2024-08-06, gpt-4-0
 
 @dataclass(frozen=True)
 class OpenAISettings:
-    """A model's ``openai`` block (config.schema.yaml documents each key; the schema fills the defaults)."""
+    """A model's ``openai`` block (config.schema.yaml documents each key and holds every default)."""
 
     api_model: str
-    base_url: str = "https://api.openai.com/v1"
-    api_key_env: str | None = "OPENAI_API_KEY"
-    temperature: float = 0.0
-    seed: int | None = 0
-    max_tokens: int = 4
-    top_logprobs: int = 20
-    concurrency: int = 4
-    max_retries: int = 6
-    timeout_s: float = 60.0
-    mode: str = "sync"
-    batch_poll_s: float = 60.0
-    max_requests: int | None = 1000
-    prices: dict[str, Any] = field(default_factory=dict)
-    censored: str = "bound"
-    coverage_threshold: float = 0.5
+    base_url: str
+    api_key_env: str | None
+    temperature: float
+    seed: int | None
+    max_tokens: int
+    top_logprobs: int
+    concurrency: int
+    max_retries: int
+    timeout_s: float
+    mode: str
+    batch_poll_s: float
+    max_requests: int | None
+    prices: dict[str, Any]  # input, output (USD per million tokens or None), batch_factor
+    censored: str
+    coverage_threshold: float
 
     def __post_init__(self) -> None:
         if self.censored not in CENSORED_TREATMENTS:
@@ -241,8 +241,8 @@ class OpenAIPredictor(Predictor):
                     uncached.append(body)
                     tokens_send += n
         to_send = len(uncached)
-        factor = s.prices.get("batch_factor", 0.5) if s.mode == "batch" else 1.0
-        price_in, price_out = s.prices.get("input"), s.prices.get("output")
+        factor = s.prices["batch_factor"] if s.mode == "batch" else 1.0
+        price_in, price_out = s.prices["input"], s.prices["output"]
         cost = None
         if price_in is not None and price_out is not None:
             cost = round(factor * (tokens_send * price_in + to_send * s.max_tokens * price_out) / 1e6, 4)

@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -109,13 +109,14 @@ class Transport:
     base_url: str
     api_key_env: str | None
     cache: ResponseCache
-    concurrency: int = 4
-    max_retries: int = 6
-    timeout_s: float = 60.0
-    mode: str = "sync"
-    batch_poll_s: float = 60.0
-    max_requests: int | None = None
+    concurrency: int
+    max_retries: int
+    timeout_s: float
+    mode: str  # sync | batch
+    batch_poll_s: float
+    max_requests: int | None
     sent: int = 0  # requests this process sent over the wire (each batch line counts as one)
+    _client: Any = field(default=None, init=False, repr=False)
 
     def key(self, body: dict[str, Any]) -> str:
         """The cache key of ``body`` sent to this transport's endpoint."""
@@ -160,7 +161,7 @@ class Transport:
 
     def client(self) -> Any:
         """The ``openai`` client, created on first need (a fully cached run needs no key and no network)."""
-        if getattr(self, "_client", None) is None:
+        if self._client is None:
             import openai
 
             if self.api_key_env is None:
@@ -188,6 +189,7 @@ class Transport:
 
     def _send_sync(self, todo: dict[str, dict[str, Any]]) -> None:
         items = list(todo.items())
+        self.client()  # created once, before the worker threads share it
         self.sent += len(items)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = [pool.submit(self._send_one, key, body) for key, body in items]
