@@ -177,8 +177,11 @@ class Config:
     def conditions_of(self, model: str) -> list[str]:
         """The conditions of model ``model``: the one place that decides which cells a model has.
 
-        A local causal LM has ``base`` and one condition per fine-tuning recipe.
+        A local causal LM has ``base`` and one condition per fine-tuning recipe; an API model (``backend: openai``)
+        has only ``base``: there are no weights to tune.
         """
+        if self.backend(model) == "openai":
+            return [CONDITION_BASE]
         return [CONDITION_BASE, *self.recipes]
 
     @property
@@ -236,6 +239,33 @@ def digest(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def _check_api_model(name: str, model: dict[str, Any], origin: str) -> None:
+    """An API model names its endpoint's model and nothing a local model needs."""
+    if "openai" not in model:
+        raise ConfigError(
+            f"{origin}: models.{name} has backend: openai but no 'openai' block; add at least "
+            f"openai: {{api_model: <the server's model id, e.g. gpt-4o-2024-08-06>}}"
+        )
+    env = model["openai"].get("api_key_env")
+    if env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+        # never echo the value: a key pasted here by mistake must not reach a log
+        raise ConfigError(
+            f"{origin}: models.{name}.openai.api_key_env must be the NAME of an environment variable (letters, "
+            f"digits, _), e.g. OPENAI_API_KEY, not the key itself (value not shown)"
+        )
+    clash = [key for key in ("hf_id", "build") if key in model]
+    if clash:
+        raise ConfigError(
+            f"{origin}: models.{name} has backend: openai and {clash}; an API model has no local weights, "
+            f"remove {clash}"
+        )
+    if not model["chat_template"]:
+        raise ConfigError(
+            f"{origin}: models.{name}: chat_template: false feeds raw text to a local model; the openai backend "
+            f"always sends chat messages, remove it"
+        )
+
+
 def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
     exp = cfg["experiment"]
     for name in exp["models"]:
@@ -245,7 +275,14 @@ def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
                 f"{origin}: experiment.models names '{name}', which is not defined under models "
                 f"(defined: {sorted(cfg['models'])}); add models.{name} or remove it from the list"
             )
-        if ("hf_id" in model) == ("build" in model):
+        if model["backend"] == "openai":
+            _check_api_model(name, model, origin)
+        elif "openai" in model:
+            raise ConfigError(
+                f"{origin}: models.{name} has an 'openai' block but backend '{model['backend']}'; "
+                f"set backend: openai or remove the block"
+            )
+        elif ("hf_id" in model) == ("build" in model):
             raise ConfigError(
                 f"{origin}: models.{name} needs exactly one of 'hf_id' (load a model) or 'build' (build a tiny one)"
             )

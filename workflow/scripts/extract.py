@@ -5,8 +5,14 @@ Examples:
         --condition base --data-dir data/paper/processed/dilemmas --base models/paper/base/zephyr-7b-beta \
         --out-dir results/paper/predictions/dilemmas/zephyr-7b-beta/base
     # a fine-tuned condition adds --adapter models/paper/adapters/dilemmas/zephyr-7b-beta/soft
+    # an API model (backend openai) takes --cache-dir cache/openai instead of --base; --dry-run states the
+    # requests, estimated prompt tokens and cost without sending anything:
+    python workflow/scripts/extract.py --config params.yaml --model gpt-4o --dataset dilemmas --condition base \
+        --data-dir data/paper/processed/dilemmas --cache-dir cache/openai \
+        --out-dir results/paper/predictions/dilemmas/gpt-4o/base --dry-run
 """
 
+import json
 from pathlib import Path
 
 from moralign import cli
@@ -22,10 +28,24 @@ def main(argv=None):
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--base", type=Path, help="folder of the base model (fetch_model's output; local models)")
     p.add_argument("--adapter", type=Path, help="adapter folder (fine-tuned conditions)")
+    p.add_argument("--cache-dir", type=Path, help="response cache of API models (outside the declared outputs)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (requests, tokens, cost) and stop")
     args = p.parse_args(argv)
-    extract.run(
-        cli.start(args), args.model, args.dataset, args.condition, args.data_dir, args.out_dir, args.base, args.adapter
+    cfg = cli.start(args)
+    plan = extract.run(
+        cfg,
+        args.model,
+        args.dataset,
+        args.condition,
+        args.data_dir,
+        args.out_dir,
+        args.base,
+        args.adapter,
+        args.cache_dir,
+        args.dry_run,
     )
+    if args.dry_run:
+        print(json.dumps(plan, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

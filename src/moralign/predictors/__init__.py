@@ -5,14 +5,16 @@ the predictions frame every later step reads (design.md §3): ``id, logp_choice,
 Its ``provenance`` (model identity, template hash, dtype, library versions, ...) goes into every prediction file.
 
 A backend is one module of this package with a ``build(...)`` function (``hf``: local causal LMs, with or
-without a LoRA adapter). The extract step imports the backend by name, so the stage table declares each
-cell's backend module as that cell's code dependency (moralign.stages) and a new backend never touches the steps.
+without a LoRA adapter; ``openai``: any OpenAI-compatible chat-completions endpoint). The extract step imports
+the backend by name, so the stage table declares each cell's backend module as that cell's code dependency
+(moralign.stages) and a new backend never touches the steps.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,14 +39,31 @@ class Predictor(ABC):
         """The rendered inputs of ``items``, for a human to read (written next to the predictions)."""
         return ""
 
+    def plan(self, splits: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+        """What predicting ``splits`` will take, stated before anything runs (logged; ``extract --dry-run`` prints it).
+
+        A backend that spends money counts its requests, tokens and cost here, and refuses (in ``predict``) a run
+        its limits do not allow.
+        """
+        return {"items": {split: len(frame) for split, frame in splits.items()}}
+
+    def summarise(self, predictions: pd.DataFrame) -> dict[str, Any]:
+        """Backend-specific facts about one split's predictions, added to the split's entry in ``summary.json``."""
+        return {}
+
 
 @dataclass(frozen=True)
 class CellInputs:
-    """What a predictor may need: the processed data and the model's files (absent for API models)."""
+    """What a predictor may need: the processed data, the model's files (absent for API models), a response cache.
+
+    ``cache_dir`` (API models) lies outside the step's declared outputs, which both orchestrators delete before
+    rerunning a step: cached responses survive reruns and interrupted runs.
+    """
 
     data_dir: Path
     base_dir: Path | None = None
     adapter_dir: Path | None = None
+    cache_dir: Path | None = None
 
 
 def backend_module(backend: str) -> str:

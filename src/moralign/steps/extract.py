@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -26,16 +27,27 @@ def run(
     out_dir: Path,
     base_dir: Path | None = None,
     adapter_dir: Path | None = None,
-) -> None:
-    """Write ``<split>.parquet`` (resumable shards), ``<split>.prompts.txt`` and ``summary.json`` to ``out_dir``."""
+    cache_dir: Path | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Write ``<split>.parquet`` (resumable shards), ``<split>.prompts.txt`` and ``summary.json`` to ``out_dir``.
+
+    Returns the predictor's plan (requests, tokens, cost for API models), which is logged first; with ``dry_run``
+    nothing else happens.
+    """
     settings = cfg["extract"]
-    predictor = predictors.build(cfg, model, dataset, condition, predictors.CellInputs(data_dir, base_dir, adapter_dir))
+    inputs = predictors.CellInputs(data_dir, base_dir, adapter_dir, cache_dir)
+    predictor = predictors.build(cfg, model, dataset, condition, inputs)
+    frames = {split: pd.read_parquet(data_dir / f"{split}.parquet") for split in settings["splits"]}
+    if settings["max_items"]:
+        frames = {split: frame.head(settings["max_items"]) for split, frame in frames.items()}
+    plan = predictor.plan(frames)
+    log.info("%s %s %s plan: %s", model, dataset, condition, json.dumps(plan, sort_keys=True))
+    if dry_run:
+        return plan
     summary: dict[str, Any] = {"provenance": predictor.provenance, "splits": {}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split in settings["splits"]:
-        frame = pd.read_parquet(data_dir / f"{split}.parquet")
-        if settings["max_items"]:
-            frame = frame.head(settings["max_items"])
+    for split, frame in frames.items():
         with atomic_path(out_dir / f"{split}.prompts.txt") as tmp:
             tmp.write_text(predictor.examples(frame.head(3)))
         t0 = time.perf_counter()
@@ -54,6 +66,8 @@ def run(
             "min_coverage": float(result["coverage"].min()),
             "tokens": int(result["n_prompt_tokens"].sum()),
             "seconds": round(time.perf_counter() - t0, 3),
+            **predictor.summarise(result),
         }
         log.info("%s %s %s %s: %s", model, dataset, condition, split, summary["splits"][split])
     write_json(out_dir / "summary.json", summary)
+    return plan
