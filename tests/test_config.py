@@ -7,7 +7,7 @@ from tests.conftest import ROOT
 
 def test_paper_and_demo_configs_validate():
     paper = load_config(ROOT / "params.yaml")
-    assert paper.models == ["llama-3.1-8b-instruct", "zephyr-7b-beta", "mistral-7b-instruct-v0.3"]
+    assert paper.models == ["llama-3.1-8b-instruct", "zephyr-7b-beta", "mistral-7b-instruct-v0.3", "gpt-4o"]
     assert paper.model("mistral-7b-instruct-v0.3")["hf_id"] == "mistralai/Mistral-7B-Instruct-v0.3"
     assert paper.conditions == ["base", "votes", "soft"]
     demo = load_config(ROOT / "config/demo.yaml")

@@ -458,19 +458,19 @@ def test_sync_run_request_bodies_cache_and_second_run_free(fake, processed, tmp_
 
 def test_retry_honours_retry_after_and_errors_are_not_cached(fake, processed, tmp_path, key_env):
     raw = api_config(fake.base_url, concurrency=1)
-    raw["extract"].update(max_items=1, splits=["test"])
+    raw["extract"].update(max_items=1, splits=["dev", "test"])
     fake.failures = [(429, {"Retry-After": "1"}), (503, {"Retry-After": "0"})]
     t0 = time.perf_counter()
     run_extract(raw, processed, tmp_path)
     assert time.perf_counter() - t0 >= 1.0  # waited as told
-    assert len(fake.calls) == 3 and len(cache_files(tmp_path)) == 1
+    assert len(fake.calls) == 4 and len(cache_files(tmp_path)) == 2  # dev and test: 2 requests, 2 failures
 
     raw["models"]["fake-4o"]["openai"]["seed"] = 1  # a new request
     raw["models"]["fake-4o"]["openai"]["max_retries"] = 0
     fake.failures = [(400, {})]
     with pytest.raises(Exception, match="400"):
         run_extract(raw, processed, tmp_path, name="out2")
-    assert len(cache_files(tmp_path)) == 1  # the error was not cached
+    assert len(cache_files(tmp_path)) == 2  # the error was not cached
 
 
 def test_max_requests_stops_before_sending_anything(fake, processed, tmp_path, key_env):
@@ -533,7 +533,7 @@ def test_undated_alias_is_warned(fake, processed, tmp_path, caplog):
 
 def test_summary_reports_censoring_positions_and_provenance(fake, processed, tmp_path, key_env):
     raw = api_config(fake.base_url)
-    raw["extract"].update(max_items=40, shard_size=40, splits=["test"])
+    raw["extract"].update(max_items=40, shard_size=40, splits=["dev", "test"])
     raw["experiment"]["eval_split"] = "test"
     out = run_extract(raw, processed, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
@@ -645,7 +645,7 @@ def test_api_model_row_is_scored_with_the_right_values(fake, processed, tmp_path
     out = run_extract(raw, processed, tmp_path)
     cfg = validate(raw)
     scores = tmp_path / "scores" / "dilemmas" / "fake-4o" / "base.json"
-    score.run(cfg, "dilemmas", "base", processed["dilemmas"], out, scores)
+    score.run(cfg, "dilemmas", "base", processed["dilemmas"], out, scores, scores.with_suffix(".items.parquet"))
     result = json.loads(scores.read_text())
     test = pd.read_parquet(processed["dilemmas"] / "test.parquet").head(30)
     bodies = {b["messages"][-1]["content"]: b for b in fake.calls}
@@ -694,9 +694,9 @@ def test_batch_resumes_polling_after_a_kill_and_resubmits_only_failures(
 
 def test_swap_debias_sends_both_orders_and_averages(fake, processed, tmp_path, key_env):
     raw = api_config(fake.base_url)
-    raw["extract"].update(max_items=3, splits=["test"], debias="swap")
+    raw["extract"].update(max_items=3, splits=["dev", "test"], debias="swap")
     out = run_extract(raw, processed, tmp_path)
-    assert len(fake.calls) == 6
+    assert len(fake.calls) == 12  # 3 items x 2 orders x 2 splits
     from moralign.prompts import PromptBuilder, swap_options
 
     cfg, train = validate(raw), pd.read_parquet(processed["dilemmas"] / "train.parquet")
@@ -708,3 +708,45 @@ def test_swap_debias_sends_both_orders_and_averages(fake, processed, tmp_path, k
         original = expected_p(sent[builder.item_text(row)])
         swapped = expected_p(sent[builder.item_text(swap_options(row, builder.task))])
         np.testing.assert_allclose(p, 0.5 * (original + swapped[::-1]))
+
+
+@pytest.mark.slow
+def test_demo_workflow_gains_the_api_row(demo_run, fake, tmp_path, key_env):
+    """The finished demo plus one API model (an overlay): Snakemake runs only the new cells, and the table's row
+    for it holds the values its responses imply."""
+    import shutil
+
+    from tests.conftest import run
+
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_run, repo, symlinks=True)
+    extra = api_config(fake.base_url)["models"]["fake-4o"]
+    overlay = {
+        "experiment": {"models": ["tiny-llama", "tiny-mistral", "fake-4o"], "datasets": ["dilemmas"]},
+        "models": {"fake-4o": extra},
+    }
+    (repo / "api.yaml").write_text(yaml.safe_dump(overlay))
+    out = run(["snakemake", "--cores", "2", "--configfile", "config/demo.yaml", "api.yaml"], repo, timeout=900)
+    ran = set(re.findall(r"rule (\w+):", out.stdout + out.stderr))
+    assert ran <= {"extract_api", "score_base", "summarise", "plot", "all"}, ran
+    table = pd.read_csv(repo / "reports/demo/results.csv")
+    row = table[(table["model"] == "fake-4o") & (table["metric"] == "xentropy") & (table["dataset"] == "dilemmas")]
+    assert list(row["condition"]) == ["base"]  # an API model has no fine-tuned conditions
+    test = pd.read_parquet(repo / "data/demo/processed/dilemmas/test.parquet")
+    sent = {b["messages"][-1]["content"]: b for b in fake.calls}
+    from moralign.prompts import PromptBuilder
+
+    cfg = validate(
+        {
+            **yaml.safe_load((repo / "config/demo.yaml").read_text()),
+            **overlay,
+            "models": {**yaml.safe_load((repo / "config/demo.yaml").read_text())["models"], "fake-4o": extra},
+        }
+    )
+    builder = PromptBuilder.from_config(
+        cfg, "fake-4o", "dilemmas", pd.read_parquet(repo / "data/demo/processed/dilemmas/train.parquet")
+    )
+    p = np.stack([expected_p(sent[builder.item_text(r)]) for _, r in test.iterrows()])
+    h = np.stack(test["counts"].map(np.asarray)) / test["n_votes"].to_numpy()[:, None]
+    assert float(row["value"].iloc[0]) == pytest.approx(float(np.mean(-(h * np.log(p)).sum(axis=1))), rel=1e-9)
+    assert (repo / "cache/openai").is_dir() and not list((repo / "results").rglob("*cache*"))

@@ -27,10 +27,12 @@ def snakemake_jobs(cwd, *args):
 def test_paper_plan_without_network():
     jobs = snakemake_jobs(ROOT)
     counts = pd.Series([r for r, _ in jobs]).value_counts()
-    # 3 models x 2 datasets: a base and 2 tuned extraction cells each, 2 fine-tuning jobs each
+    # 3 local models x 2 datasets: a base and 2 tuned extraction cells each, 2 fine-tuning jobs each; GPT-4o: base only
     assert counts["extract_base"] == 6 and counts["extract_tuned"] == 12 and counts["finetune"] == 12
-    assert counts["score_base"] == 6 and counts["score_tuned"] == 12
+    assert counts["extract_api"] == 2 and counts["score_base"] == 8 and counts["score_tuned"] == 12
     assert counts["fetch_model"] == 3 and counts["download"] == 2 and "build_model" not in counts
+    api = [outs for rule, outs in jobs if rule in ("extract_api", "finetune", "extract_tuned") and "gpt-4o" in outs[0]]
+    assert len(api) == 2, api  # no fine-tuning of an API model
     plan = run(["snakemake", "-n", "--forceall"], ROOT).stdout
     gpu_rules, rule = set(), None
     for line in plan.splitlines():

@@ -220,7 +220,7 @@ def check_scores(
         if cell in found:
             raise DataError(f"{file}: a second score file for {cell} (first: {found[cell]}): two runs mixed?")
         if model_configs is not None:
-            _same_model(file, prov.get("base") or {}, cell[1], model_configs[cell[1]])
+            _same_model(file, prov, cell[1], model_configs[cell[1]])
         found[cell] = file
     where = ", ".join(str(p) for p in paths)
     missing = [cell for cell in cells if cell not in found]
@@ -239,7 +239,15 @@ def _same_split(file: Path, score: Mapping[str, Any], split: str) -> None:
         raise DataError(f"{file}: scored on split {score.get('split')!r}, but this run's eval_split is {split!r}")
 
 
-def _same_model(file: Path, base: Mapping[str, Any], model: str, cfg: Mapping[str, Any]) -> None:
+def _same_model(file: Path, prov: Mapping[str, Any], model: str, cfg: Mapping[str, Any]) -> None:
+    if cfg.get("backend") == "openai":  # an API model: the endpoint's model id is its identity
+        if prov.get("api_model") != cfg["openai"]["api_model"]:
+            raise DataError(
+                f"{file}: scores of API model {prov.get('api_model')!r}, but this run's model {model!r} is "
+                f"{cfg['openai']['api_model']!r}: the scores of another run"
+            )
+        return
+    base = prov.get("base") or {}
     if "build" in cfg:
         same = base.get("built") == cfg["build"]
     else:

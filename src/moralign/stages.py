@@ -52,6 +52,9 @@ ITEM_SCORES = "results/{run}/scores/{dataset}/{model}/{condition}.items.parquet"
 REFERENCES = "results/{run}/scores/{dataset}/references.json"
 REPORTS = "reports/{run}"
 FIGURE = "reports/{run}/figures/{dataset}_{kind}.{ext}"
+# API responses, keyed by request: outside every declared output (orchestrators delete those before a rerun), so
+# reruns and interrupted runs never pay twice; shared by every run and cell.
+API_CACHE = "cache/openai"
 
 
 Instance = dict[str, str]
@@ -80,6 +83,7 @@ class Stage:
     threads_section: str | None = None  # config section whose `threads` the step sets torch to
     local: bool = False  # runs on the submitting machine (needs the network), never on a cluster node
     extra_modules: tuple[str, ...] = ()  # modules the script imports by name at run time
+    resources: tuple[tuple[str, int], ...] = ()  # scheduler resources besides GPUs (e.g. an API's concurrency)
     metrics: tuple[str, ...] = ()  # outputs that are DVC metrics files
 
     @property
@@ -120,17 +124,34 @@ def _hf_models(cfg: Config) -> list[str]:
     return [m for m in cfg.models if cfg.backend(m) == "hf"]
 
 
+def _api_models(cfg: Config) -> list[str]:
+    return [m for m in cfg.models if cfg.backend(m) == "openai"]
+
+
 def _model_instance(model: str) -> Instance:
     return {"model": model, "model_section": model_section(model)}
 
 
-def _cells(cfg: Config, condition: Callable[[str], list[str]], key: str) -> list[Instance]:
+def _cells(
+    cfg: Config, condition: Callable[[str], list[str]], key: str, models: Callable[[Config], list[str]] = _hf_models
+) -> list[Instance]:
+    """Instances over datasets x ``models`` x each model's ``condition`` list (its value stored under ``key``)."""
     return [
-        {"dataset": d, **_model_instance(m), key: c}
-        for d in cfg.datasets
-        for m in _hf_models(cfg)
-        for c in condition(m)
+        {"dataset": d, **_model_instance(m), key: c} for d in cfg.datasets for m in models(cfg) for c in condition(m)
     ]
+
+
+def _base(cfg: Config) -> Callable[[str], list[str]]:
+    return lambda m: [CONDITION_BASE] if CONDITION_BASE in cfg.conditions_of(m) else []
+
+
+def _base_cells(cfg: Config) -> list[Instance]:
+    """Every (dataset, model) whose model has a base condition, whatever its backend."""
+    return _cells(cfg, _base(cfg), "condition", lambda cfg: cfg.models)
+
+
+def _api_cells(cfg: Config) -> list[Instance]:
+    return [{**i, "cache": API_CACHE} for i in _cells(cfg, _base(cfg), "condition", _api_models)]
 
 
 def _archives(cfg: Config) -> list[Instance]:
@@ -250,10 +271,27 @@ STAGES: tuple[Stage, ...] = (
         extra_modules=(backend_module("hf"),),
     ),
     Stage(
+        name="extract_api",
+        script="extract",
+        wildcards=("dataset", "model"),
+        instances=_api_cells,
+        inputs=lambda cfg: {"data": PROCESSED},
+        outputs=lambda cfg: {"predictions": PREDICTIONS.replace("{condition}", CONDITION_BASE)},
+        folders=("predictions",),
+        sections=("extract", "prompts.{dataset}", "{model_section}"),
+        args=(
+            "--model {model} --dataset {dataset} --condition base --data-dir {input.data} --cache-dir {cache}"
+            " --out-dir {output.predictions}"
+        ),
+        extra_modules=(backend_module("openai"),),
+        # one API job at a time shares the endpoint's rate limit; requests within a job run concurrently
+        resources=(("openai_api", 1),),
+    ),
+    Stage(
         name="score_base",
         script="score",
         wildcards=("dataset", "model"),
-        instances=lambda cfg: _cells(cfg, lambda m: [CONDITION_BASE], "condition"),
+        instances=_base_cells,
         inputs=lambda cfg: {"data": PROCESSED, "predictions": PREDICTIONS.replace("{condition}", CONDITION_BASE)},
         outputs=lambda cfg: {
             "scores": SCORES.replace("{condition}", CONDITION_BASE),

@@ -90,6 +90,10 @@ def gpus(name):
     return lambda wildcards: PLAN.gpus(_stage(name), _instance(name, wildcards))
 
 
+def resources_of(name):
+    return dict(_stage(name).resources)
+
+
 def threads_of(name):
     return lambda wildcards: PLAN.threads(_stage(name), _instance(name, wildcards))
 

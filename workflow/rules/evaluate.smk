@@ -34,6 +34,23 @@ rule extract_tuned:
         shell_of("extract_tuned")
 
 
+rule extract_api:
+    input:
+        unpack(inputs("extract_api")),
+    output:
+        **outputs("extract_api"),
+    params:
+        **params("extract_api"),
+    wildcard_constraints:
+        **constraints("extract_api"),
+    resources:
+        **resources_of("extract_api"),
+    log:
+        log_of("extract_api"),
+    shell:
+        shell_of("extract_api")
+
+
 rule score_base:
     input:
         unpack(inputs("score_base")),
