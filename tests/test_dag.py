@@ -143,6 +143,11 @@ def test_steps_read_only_declared_sections():
             read()
 
 
+def _name(rule: str, key: str) -> str:
+    """DVC's name of a stage instance: group@key, or the plain name of a stage without wildcards."""
+    return f"{rule}@{key}" if key else rule
+
+
 def _instances(plan: stages.Plan) -> list[tuple[str, str, set[str], set[str]]]:
     """(rule, instance key, inputs, outputs) of every instance, from the table."""
     out = []
@@ -162,9 +167,9 @@ def _downstream(instances, changed: set[str]) -> set[str]:
     grew = True
     while grew:
         grew = False
-        produced = {o for rule, key, _, outs in instances if f"{rule}@{key}" in names for o in outs}
+        produced = {o for rule, key, _, outs in instances if _name(rule, key) in names for o in outs}
         for rule, key, ins, _ in instances:
-            name = f"{rule}@{key}"
+            name = _name(rule, key)
             if name not in names and ins & produced:
                 names.add(name)
                 grew = True
@@ -178,12 +183,12 @@ def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_r
     shutil.copytree(demo_run, smk_repo, symlinks=True)
     plan = stages.Plan(load_config([ROOT / "params.yaml", ROOT / "config/demo.yaml"]))
     instances = _instances(plan)
-    by_outputs = {frozenset(outs): f"{rule}@{key}" for rule, key, _, outs in instances}
+    by_outputs = {frozenset(outs): _name(rule, key) for rule, key, _, outs in instances}
     files = sorted({f for s in plan.stages if plan.instances(s) for f in s.code()})
     assert len(files) > 20
     assert snakemake_plan(smk_repo, "--configfile", "config/demo.yaml") == {}
     for rel in files:
-        direct = {f"{r}@{k}" for r, k, ins, _ in instances if rel in ins}
+        direct = {_name(r, k) for r, k, ins, _ in instances if rel in ins}
         planned = {}
         for repo in (smk_repo, dvc_repo):
             path = repo / rel
