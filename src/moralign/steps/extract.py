@@ -53,7 +53,18 @@ def run(
             "mean_coverage": float(result["coverage"].mean()),
             "min_coverage": float(result["coverage"].min()),
             "tokens": int(result["n_prompt_tokens"].sum()),
+            # items whose text was cut to fit extract.max_length (moralign.prompts.PromptBuilder.encode)
+            "shortened_items": int(result["shortened"].sum()),
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if summary["splits"][split]["shortened_items"]:
+            log.warning(
+                "%s %s %s: %d items shortened to fit extract.max_length=%s",
+                model,
+                dataset,
+                split,
+                summary["splits"][split]["shortened_items"],
+                settings["max_length"],
+            )
         log.info("%s %s %s %s: %s", model, dataset, condition, split, summary["splits"][split])
     write_json(out_dir / "summary.json", summary)
