@@ -123,8 +123,8 @@ def case(shots: int, model, tok, lm, train: pd.DataFrame, dev: pd.DataFrame, ans
 
     spec = {**SPEC, "n_shots": shots}
     builder = PromptBuilder(TASKS["dilemmas"], spec, chat=True, shots=select_shots(train, shots, 0))
-    texts = [builder.render(tok, r) for _, r in dev.iterrows()]
-    rows = ex.encode_prompts(tok, texts, chat=True)
+    prompts = [builder.encode(tok, r) for _, r in dev.iterrows()]
+    texts, rows = [p.text for p in prompts], [p.ids for p in prompts]
     tokens = sum(len(r) for r in rows)
     engine = ex.Scorer(model, tok.pad_token_id, args.token_budget, args.batch_size)
     no_reuse = ex.Scorer(model, tok.pad_token_id, args.token_budget, args.batch_size, reuse_prefix=False)
@@ -132,11 +132,7 @@ def case(shots: int, model, tok, lm, train: pd.DataFrame, dev: pd.DataFrame, ans
     # agreement first. lm-eval moves the prompt's trailing whitespace ("\n\n" after the Llama-3 header) into
     # the continuation and scores "\n\nA" as a whole; the engine's continuation route scores the same pairs.
     lm_scores = np.array([ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)])
-    pairs = [
-        ex.continuation(tok, t.rstrip(), t[len(t.rstrip()) :] + a, add_special_tokens=False)
-        for t in texts
-        for a in spec["answers"]
-    ]
+    pairs = [ex.continuation(tok, t.rstrip(), t[len(t.rstrip()) :] + a) for t in texts for a in spec["answers"]]
     ours = engine.score_sequences(pairs)
     secs = {
         "engine": timed(lambda: engine.score_tokens(rows, answers), args.repeats),

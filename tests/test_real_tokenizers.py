@@ -1,10 +1,22 @@
-"""The engine with the REAL tokenizers of the three paper models, each paired with a tiny random model.
+"""The real tokenizers and published chat templates of the three paper models, checked against the vendors' encoders.
 
 The tokenizer files ship on PyPI: Llama 3's tiktoken BPE in `llama-models`, Mistral-7B v0.1's SentencePiece
-model (Zephyr-7B-beta's tokenizer) and Mistral-7B-Instruct v0.3's in `mistral-common`. Chat templates are
-written by the project in each model's official format (moralign.tinymodels.CHAT_FORMATS).
+model (Zephyr-7B-beta's tokenizer) and Mistral-7B-Instruct v0.3's in `mistral-common`. Each is set up the way
+its Hub repository publishes it (`tokenizer_config.json`: tokenizer class, `add_bos_token`, `legacy`; Llama 3's
+post-processor prepends BOS) with the model's published chat template (src/moralign/chat_templates/).
+
+Independent references for the prompt ids moralign builds:
+- Mistral-7B-Instruct-v0.3: mistral-common's v3 instruct tokenizer (`encode_chat_completion`);
+- Llama-3.1-8B-Instruct: llama-models' `ChatFormat.encode_dialog_prompt`. By design the published template
+  opens every conversation with a system turn starting "Cutting Knowledge Date: December 2023\\nToday Date:
+  26 Jul 2024\\n\\n" and Meta's ChatFormat writes the system turn exactly as given: the reference gets those
+  lines written into its system message, and the test asserts the template's output;
+- Zephyr-7B-beta (no vendor encoder): its published format written out by hand (`<|system|>`, `<|user|>`,
+  `<|assistant|>` turns, `</s>` and a newline after each) encoded with the `sentencepiece` library itself,
+  segment by segment between the `</s>` tokens, plus exactly one BOS.
 """
 
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -16,77 +28,121 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from moralign import extraction as ex
+from moralign import training
 from moralign.data import TASKS
-from moralign.prompts import PromptBuilder
-from moralign.tinymodels import CHAT_FORMATS
+from moralign.prompts import TEMPLATE_KWARGS, PromptBuilder, encode_text, select_shots
+from moralign.tinymodels import published_template
 from tests.test_extraction import naive_logp, naive_sequence
 
 pytest.importorskip("mistral_common")
 pytest.importorskip("llama_models")
+pytest.importorskip("sentencepiece")
 
-SPEC = {
-    "system": "Judge like a typical reader.",
-    "template": "Title: {title}\n{text}\n\nIs the author in the wrong?",
-    "answers": ["Yes", "No"],
-    "n_shots": 0,
-    "shot_seed": 0,
+SYSTEM = "Judge like a typical reader."
+SPECS = {
+    "anecdotes": {
+        "system": SYSTEM,
+        "template": "Title: {title}\n{text}\n\nIs the author in the wrong?",
+        "answers": ["Yes", "No"],
+        "n_shots": 0,
+        "shot_seed": 0,
+    },
+    "dilemmas": {
+        "system": SYSTEM,
+        "template": "A: {action1}\nB: {action2}\n\nWhich is less ethical?",
+        "answers": ["A", "B"],
+        "n_shots": 0,
+        "shot_seed": 0,
+    },
 }
+LLAMA_SYSTEM_HEADER = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+
+
+def llama_tiktoken_path() -> Path:
+    return Path(str(resources.files("llama_models") / "llama3" / "tokenizer.model"))
+
+
+def mistral_common_file(filename: str) -> Path:
+    return Path(str(resources.files("mistral_common") / "data" / filename))
 
 
 def llama3_tokenizer(folder):
+    """Llama-3.1-8B-Instruct's tokenizer: Meta's tiktoken ranks, BOS prepended by the post-processor (as published)."""
     from llama_models.llama3.tokenizer import Tokenizer
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    path = Path(str(resources.files("llama_models") / "llama3" / "tokenizer.model"))
+    path = llama_tiktoken_path()
     reference = Tokenizer(path)
     converted = TikTokenConverter(vocab_file=str(path), pattern=reference.pat_str).converted()
     # Meta's 256 special tokens follow the 128,000 BPE ranks, in id order
     specials = sorted(reference.special_tokens.items(), key=lambda kv: kv[1])
     assert converted.get_vocab_size() == specials[0][1]
     converted.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in specials])
+    # the published tokenizer.json: byte-level, then <|begin_of_text|> prepended (so text from the chat template,
+    # which writes its own, must not get a second one)
+    bos = reference.special_tokens["<|begin_of_text|>"]
+    converted.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                special_tokens=[("<|begin_of_text|>", bos)],
+            ),
+        ]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=converted,
         bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>",
         pad_token="<|finetune_right_pad_id|>",
-        chat_template=CHAT_FORMATS["llama3"]["template"],
+        chat_template=published_template("llama-3.1-8b-instruct"),
     )
     # the conversion must reproduce Meta's own tokenizer, chat markup included
-    chat = tok.apply_chat_template(
-        [{"role": "system", "content": "Be fair."}, {"role": "user", "content": "AITA?"}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    assert tok(chat, add_special_tokens=False)["input_ids"] == reference.encode(
-        chat, bos=False, eos=False, allowed_special="all"
+    text = "<|start_header_id|>system<|end_header_id|>\n\nBe fair.<|eot_id|>"
+    assert tok(text, add_special_tokens=False)["input_ids"] == reference.encode(
+        text, bos=False, eos=False, allowed_special="all"
     )
     assert len(tok) == reference.n_words == 128256
     tok.save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 
-def sentencepiece_tokenizer(folder, filename, chat_format):
-    src = resources.files("mistral_common") / "data" / filename
+def sentencepiece_tokenizer(folder, filename, model, **config):
+    """A Mistral-family tokenizer as its repository publishes it: tokenizer.model plus tokenizer_config.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, folder / "tokenizer.model")
+    shutil.copy(mistral_common_file(filename), folder / "tokenizer.model")
+    published = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "chat_template": published_template(model),
+        **config,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(published))
     tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = CHAT_FORMATS[chat_format]["template"]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
+MODELS = {"llama-3.1": "llama-3.1-8b-instruct", "zephyr": "zephyr-7b-beta", "mistral-v0.3": "mistral-7b-instruct-v0.3"}
+# name -> (architecture, tokenizer factory)
 CASES = {
-    "llama-3.1 (tiktoken)": ("llama", lambda d: llama3_tokenizer(d)),
-    "zephyr / mistral v0.1 (sentencepiece)": (
+    "llama-3.1": ("llama", llama3_tokenizer),
+    # Zephyr's tokenizer_config.json: legacy SentencePiece behaviour, pad = </s>
+    "zephyr": (
         "mistral",
-        lambda d: sentencepiece_tokenizer(d, "tokenizer.model.v1", "zephyr"),
+        lambda d: sentencepiece_tokenizer(d, "tokenizer.model.v1", "zephyr-7b-beta", legacy=True, pad_token="</s>"),
     ),
-    "mistral v0.3 (sentencepiece)": (
+    "mistral-v0.3": (
         "mistral",
-        lambda d: sentencepiece_tokenizer(d, "mistral_instruct_tokenizer_240323.model.v3", "mistral"),
+        lambda d: sentencepiece_tokenizer(d, "mistral_instruct_tokenizer_240323.model.v3", "mistral-7b-instruct-v0.3"),
     ),
 }
 
@@ -111,9 +167,178 @@ def real(request, tmp_path_factory, processed):
         else MistralForCausalLM(MistralConfig(sliding_window=None, **shape))
     ).eval()
     frame = pd.read_parquet(processed["anecdotes"] / "dev.parquet").head(8)
-    builder = PromptBuilder(TASKS["anecdotes"], SPEC, chat=True)
-    texts = [builder.render(tok, r) for _, r in frame.iterrows()]
+    builder = PromptBuilder(TASKS["anecdotes"], SPECS["anecdotes"], chat=True)
+    texts = [builder.encode(tok, r).text for _, r in frame.iterrows()]
     return request.param, tok, model, texts
+
+
+def builders(processed, dataset: str, shots: int, system: bool):
+    train = pd.read_parquet(processed[dataset] / "train.parquet")
+    spec = {**SPECS[dataset], "n_shots": shots, "system": SYSTEM if system else None}
+    return PromptBuilder(TASKS[dataset], spec, chat=True, shots=select_shots(train, shots, 0))
+
+
+def vendor_reference(name: str, msgs: list[dict[str, str]]) -> list[int]:
+    """The prompt ids the model's vendor (or, for Zephyr, its published format and SentencePiece) gives."""
+    if name == "mistral-v0.3":
+        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        vendor = MistralTokenizer.from_file(str(mistral_common_file("mistral_instruct_tokenizer_240323.model.v3")))
+        request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in msgs])
+        return vendor.encode_chat_completion(request).tokens
+    if name == "llama-3.1":
+        from llama_models.datatypes import RawMessage, StopReason
+        from llama_models.llama3.chat_format import ChatFormat
+        from llama_models.llama3.tokenizer import Tokenizer
+
+        # the published template always opens with a system turn carrying the knowledge-cutoff and date lines
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else ""
+        turns = msgs[1:] if msgs[0]["role"] == "system" else msgs
+        raw = [RawMessage(role="system", content=LLAMA_SYSTEM_HEADER + system)]
+        raw += [RawMessage(role=m["role"], content=m["content"], stop_reason=StopReason.end_of_turn) for m in turns]
+        return ChatFormat(Tokenizer(llama_tiktoken_path())).encode_dialog_prompt(raw).tokens
+    import sentencepiece as spm
+
+    # Zephyr: its published format by hand, SentencePiece per segment between </s> (id 2), one BOS (id 1)
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_common_file("tokenizer.model.v1")))
+    text = "".join(f"<|{m['role']}|>\n{m['content']}</s>\n" for m in msgs) + "<|assistant|>\n"
+    ids = [1]
+    for k, segment in enumerate(text.split("</s>")):
+        ids += ([2] if k else []) + (sp.encode(segment) if segment else [])
+    return ids
+
+
+@pytest.mark.parametrize("dataset", ["anecdotes", "dilemmas"])
+@pytest.mark.parametrize(("shots", "system"), [(0, True), (2, True), (2, False)])
+def test_prompt_ids_equal_the_vendor_reference(real, processed, dataset, shots, system):
+    name, tok, _, _ = real
+    builder = builders(processed, dataset, shots, system)
+    for _, row in pd.read_parquet(processed[dataset] / "dev.parquet").head(5).iterrows():
+        msgs = builder.messages(row)
+        assert [m["role"] for m in msgs] == ["system"] * system + ["user", "assistant"] * shots + ["user"]
+        assert builder.encode(tok, row).ids == vendor_reference(name, msgs), name
+
+
+def test_system_text_goes_where_the_published_template_puts_it(real, processed):
+    name, tok, _, _ = real
+    builder = builders(processed, "dilemmas", 2, True)
+    text = builder.encode(tok, pd.read_parquet(processed["dilemmas"] / "dev.parquet").iloc[0]).text
+    if name == "mistral-v0.3":  # in the LAST user turn, as mistral-common's v3 encoder does
+        assert text.count(SYSTEM) == 1 and text.rindex("[INST]") < text.index(SYSTEM)
+    elif name == "zephyr":
+        assert text.startswith(f"<|system|>\n{SYSTEM}</s>\n<|user|>\n")
+    else:
+        assert f"<|start_header_id|>system<|end_header_id|>\n\n{LLAMA_SYSTEM_HEADER}{SYSTEM}<|eot_id|>" in text
+
+
+def test_the_answered_conversation_keeps_the_prompt_as_scored(real, processed):
+    """Mistral v0.3's template drops the system text once the conversation ends with an assistant turn."""
+    name, tok, _, _ = real
+    builder = builders(processed, "dilemmas", 2, True)
+    row = pd.read_parquet(processed["dilemmas"] / "dev.parquet").iloc[0]
+    prompt = builder.encode(tok, row)
+    whole = builder.conversation(tok, row, prompt.fields, "A")
+    fresh = builder.render(tok, row, prompt.fields, answer="A")
+    assert whole.startswith(prompt.text) and whole.count(SYSTEM) == 1
+    assert whole[len(prompt.text) :] == {"mistral-v0.3": " A</s>", "zephyr": "A</s>\n"}.get(name, "A<|eot_id|>")
+    assert (SYSTEM in fresh) == (name != "mistral-v0.3")
+
+
+def test_every_prompt_starts_with_exactly_one_bos(real, processed):
+    """Zephyr's template writes no BOS (its tokenizer adds one); Llama's and Mistral's write one (add no second)."""
+    name, tok, _, _ = real
+    assert tok("a")["input_ids"][0] == tok.bos_token_id, "the published tokenizer adds BOS by default"
+    writes_bos = "bos_token" in published_template(MODELS[name])
+    assert writes_bos == (name != "zephyr")
+    for dataset in ("anecdotes", "dilemmas"):
+        builder = builders(processed, dataset, 2, True)
+        for _, row in pd.read_parquet(processed[dataset] / "dev.parquet").head(4).iterrows():
+            ids = builder.encode(tok, row).ids
+            assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, name
+
+
+def test_llama_date_line_is_pinned(real, processed):
+    """The date a Llama 3.x template prints never depends on the day the prompt is rendered."""
+    name, tok, _, _ = real
+    row = pd.read_parquet(processed["dilemmas"] / "dev.parquet").iloc[0]
+    builder = builders(processed, "dilemmas", 0, True)
+    if name == "llama-3.1":
+        assert "Today Date: 26 Jul 2024\n" in builder.encode(tok, row).text
+    # a Llama 3.2-style template fills the date from today unless date_string is given
+    dated = tok.chat_template
+    tok.chat_template = (
+        '{%- if not date_string is defined %}{%- set date_string = strftime_now("%d %b %Y") %}{%- endif %}'
+        "{{ bos_token + 'Today Date: ' + date_string + messages[-1]['content'] }}"
+    )
+    try:
+        assert builder.encode(tok, row).text.startswith(f"{tok.bos_token}Today Date: {TEMPLATE_KWARGS['date_string']}")
+    finally:
+        tok.chat_template = dated
+
+
+def first_answer_token(name: str, tok, answer: str) -> int:
+    """The vendor's first token of an assistant answer (the token the model produces after the prompt)."""
+    if name == "mistral-v0.3":
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        vendor = MistralTokenizer.from_file(str(mistral_common_file("mistral_instruct_tokenizer_240323.model.v3")))
+        return vendor.instruct_tokenizer.tokenizer.encode(answer, bos=False, eos=False)[0]
+    if name == "llama-3.1":
+        from llama_models.datatypes import RawMessage, StopReason
+        from llama_models.llama3.chat_format import ChatFormat
+        from llama_models.llama3.tokenizer import Tokenizer
+
+        chat = ChatFormat(Tokenizer(llama_tiktoken_path()))
+        tokens, _ = chat.encode_message(
+            RawMessage(role="assistant", content=answer, stop_reason=StopReason.end_of_turn), None
+        )
+        return tokens[len(chat._encode_header("assistant"))]
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_common_file("tokenizer.model.v1")))
+    head = sp.encode("\n<|assistant|>\n")
+    whole = sp.encode(f"\n<|assistant|>\n{answer}")
+    assert whole[: len(head)] == head
+    return whole[len(head)]
+
+
+@pytest.mark.parametrize("dataset", ["anecdotes", "dilemmas"])
+def test_votes_target_is_the_token_the_model_would_produce(real, processed, dataset):
+    """The votes recipe trains on the answer's first token in the encoded conversation, per the vendor's encoder."""
+    name, tok, _, _ = real
+    builder = builders(processed, dataset, 2, True)
+    frame = pd.read_parquet(processed[dataset] / "dev.parquet").head(6)
+    answers = ex.answer_variants(tok, builder.answers)
+    prompts = training.encode_items(builder, tok, frame, None)
+    counts = np.tile([3, 2], (len(frame), 1))
+    settings = {"votes_per_item": 5, "seed": 0}
+    rows = training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings)
+    want = [first_answer_token(name, tok, a) for a in builder.answers]
+    for row, (i, j) in zip(rows, training.vote_examples(counts, 5, 0), strict=True):
+        assert row["input_ids"] == [*prompts[i].ids, want[j]] and row["completion_mask"][-1] == 1
+    # never SentencePiece's byte token for a letter (<0x41>), which no model writes after its chat template
+    assert not any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(want)), tok.convert_ids_to_tokens(want)
+
+
+def test_votes_target_fails_loudly_when_the_answer_turn_starts_elsewhere(real, processed):
+    _, tok, _, _ = real
+    builder = builders(processed, "dilemmas", 0, False)
+    frame = pd.read_parquet(processed["dilemmas"] / "dev.parquet").head(2)
+    answers = ex.answer_variants(tok, builder.answers)
+    template = tok.chat_template
+    # a template that writes something of its own before the assistant's content
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '[' + m['content'] + ']' }}"
+        "{% else %}{{ m['content'] + '\\n' }}{% endif %}{% endfor %}"
+    )
+    try:
+        with pytest.raises(ValueError, match="answer"):
+            training.answer_targets(builder, tok, frame.iloc[0], builder.encode(tok, frame.iloc[0]), answers)
+    finally:
+        tok.chat_template = template
 
 
 def test_answer_variants_of_real_tokenizers(real):
@@ -132,25 +357,26 @@ def test_answer_variants_of_real_tokenizers(real):
 def test_engine_agrees_with_naive_reference_on_real_tokenizers(real):
     _, tok, model, texts = real
     answers = ex.answer_variants(tok, ["Yes", "No"])
-    ids = ex.encode_prompts(tok, texts, chat=True)
+    ids = [encode_text(tok, t) for t in texts]
     got = ex.Scorer(model, tok.pad_token_id, 10**9, 3).score_tokens(ids, answers)
     want = np.stack([naive_logp(model, i, answers.variants) for i in ids])
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # coverage is the mass on the answers' variants, exactly (the reference sums the same probabilities)
     coverage, _ = ex.normalise(got)
-    assert ((coverage > 0) & (coverage < 1)).all()
+    np.testing.assert_allclose(coverage, np.exp(want).sum(1), rtol=1e-5)
 
 
 def test_joint_tokenization_at_the_boundary(real):
     _name, tok, model, texts = real
     raw = texts[0].rstrip()
     for answer in (" Yes", " Not at all"):
-        ctx, cont = ex.continuation(tok, raw, answer, add_special_tokens=False)
-        assert ctx + cont == tok(raw + answer, add_special_tokens=False)["input_ids"]
+        ctx, cont = ex.continuation(tok, raw, answer)
+        assert ctx + cont == encode_text(tok, raw + answer)
         assert tok.decode(cont).strip() == answer.strip()
     # a prompt ending in a space: the space belongs to the answer's token, as the tokenizer would merge it
-    ctx, cont = ex.continuation(tok, "Answer: ", "Yes", add_special_tokens=False)
-    assert ctx == tok("Answer:", add_special_tokens=False)["input_ids"]
+    ctx, cont = ex.continuation(tok, "Answer: ", "Yes")
+    assert ctx == encode_text(tok, "Answer:")
     assert len(cont) == 1 and cont[0] in ex.answer_variants(tok, ["Yes", "No"]).variants[0]
-    pairs = [ex.continuation(tok, t, " Not at all", add_special_tokens=False) for t in texts[:3]]
+    pairs = [ex.continuation(tok, t, " Not at all") for t in texts[:3]]
     got = ex.Scorer(model, tok.pad_token_id).score_sequences(pairs)
     np.testing.assert_allclose(got, [naive_sequence(model, c, k) for c, k in pairs], atol=1e-4)

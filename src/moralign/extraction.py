@@ -7,7 +7,8 @@ For each prompt and choice j (design.md §3):
 * ``p = softmax(logp_choice)``, the distribution every metric uses.
 
 Answers without a single-token variant are scored as full continuations (sum of the answer tokens' log-probs),
-tokenized jointly with the prompt so no merge at the boundary is lost.
+tokenized jointly with the prompt so no merge at the boundary is lost. Prompts are rendered and tokenized by
+``moralign.prompts.PromptBuilder.encode`` (the one function fine-tuning uses too).
 
 Engine conventions: prompts are sorted by length and batched under a token budget; rows are LEFT padded, so the
 answer position is the last one for every row, and position ids are computed from the attention mask so a
@@ -31,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moralign.io import read_provenance, write_parquet
+from moralign.prompts import encode_text
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +49,6 @@ class AnswerTokens:
     def single_token(self) -> bool:
         """Whether every answer has at least one single-token variant."""
         return all(self.variants)
-
-    def canonical(self, choice: int, chat: bool) -> int:
-        """The variant a training target uses: the bare answer after a chat template, " answer" in raw text."""
-        want = self.answers[choice] if chat else " " + self.answers[choice]
-        for token, text in zip(self.variants[choice], self.variant_strings[choice], strict=True):
-            if text == want:
-                return token
-        return self.variants[choice][0]
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for provenance."""
@@ -91,10 +85,13 @@ def answer_variants(tokenizer: Any, answers: Sequence[str]) -> AnswerTokens:
     return AnswerTokens(tuple(answers), tuple(variants), tuple(strings))
 
 
-def continuation(tokenizer: Any, prompt: str, answer: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
-    """Context and continuation ids of ``prompt + answer`` tokenized jointly (merges at the boundary kept)."""
-    whole = tokenizer(prompt + answer, add_special_tokens=add_special_tokens)["input_ids"]
-    ctx = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+def continuation(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids of ``prompt + answer`` tokenized jointly (merges at the boundary kept).
+
+    Both are encoded like every prompt (``moralign.prompts.encode_text``: one BOS where the tokenizer adds one).
+    """
+    whole = encode_text(tokenizer, prompt + answer)
+    ctx = encode_text(tokenizer, prompt)
     n = 0
     while n < min(len(ctx), len(whole)) and ctx[n] == whole[n]:
         n += 1
@@ -301,32 +298,23 @@ class PromptSet:
     token_ids: list[list[int]]
 
 
-def encode_prompts(tokenizer: Any, texts: list[str], chat: bool, max_length: int | None = None) -> list[list[int]]:
-    """Token ids of rendered prompts. Chat templates already hold BOS; raw text gets the tokenizer's specials.
-
-    Prompts longer than ``max_length`` are cut from the left, so the question and answer position survive.
-    """
-    encoded = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
-    if max_length:
-        encoded = [ids[-max_length:] for ids in encoded]
-    return encoded
-
-
 def score_prompts(scorer: Scorer, tokenizer: Any, prompts: PromptSet, answers: AnswerTokens, chat: bool) -> np.ndarray:
     """``logp_choice`` for a set of prompts, by the token route or the continuation route."""
     if answers.single_token:
         return scorer.score_tokens(prompts.token_ids, answers)
     sep = "" if chat else " "
-    pairs = [
-        continuation(tokenizer, t, sep + a, add_special_tokens=not chat) for t in prompts.texts for a in answers.answers
-    ]
+    pairs = [continuation(tokenizer, t, sep + a) for t in prompts.texts for a in answers.answers]
     return scorer.score_sequences(pairs).reshape(len(prompts.texts), len(answers.answers))
 
 
 def predictions_frame(
-    ids: list[str], logp_choice: np.ndarray, n_tokens: list[int], p: np.ndarray | None = None
+    ids: list[str],
+    logp_choice: np.ndarray,
+    n_tokens: list[int],
+    p: np.ndarray | None = None,
+    shortened: list[bool] | None = None,
 ) -> pd.DataFrame:
-    """Per-item output rows: id, logp_choice, coverage, p, n_prompt_tokens."""
+    """Per-item output rows: id, logp_choice, coverage, p, n_prompt_tokens, shortened (item text cut to fit)."""
     coverage, p_norm = normalise(logp_choice)
     return pd.DataFrame(
         {
@@ -335,6 +323,7 @@ def predictions_frame(
             "coverage": coverage,
             "p": list(p_norm if p is None else p),
             "n_prompt_tokens": n_tokens,
+            "shortened": [False] * len(ids) if shortened is None else shortened,
         }
     )
 

@@ -1,13 +1,32 @@
-"""Prompts: a variant is data (config), rendering is here.
+"""Prompts: a variant is data (config), rendering and tokenizing are here, in one place.
 
 A prompt = optional system text + k few-shot examples (one fixed, seeded draw from train, each shown with its
 majority answer) + the item + the question. Instruct models get their own chat template with the generation
-prompt appended; ``chat_template: false`` feeds raw text ending in ``Answer:``. Every item shares the same
-shots, so every prompt of a run shares one long prefix (which extraction computes once).
+prompt appended; ``chat_template: false`` feeds raw text ending in the variant's ``answer_prefix``. Every item
+shares the same shots, so every prompt of a run shares one long prefix (which extraction computes once).
+
+:meth:`PromptBuilder.encode` is THE function that turns an item into token ids: extraction and both fine-tuning
+recipes call it, so a model is trained on exactly the ids it is scored on. Its conventions:
+
+* BOS: the prompt starts with exactly one BOS whenever the tokenizer adds one by default (``add_bos_token``, or
+  whatever a fast tokenizer's post-processor prepends), whatever the chat template emits. Llama 3.1's and
+  Mistral v0.3's templates write it themselves; Zephyr's does not (Zephyr was trained with the tokenizer adding
+  it). The text is tokenized with ``add_special_tokens=False`` (special tokens in the text are parsed, nothing
+  is appended: an EOS after the question would be wrong) and the one BOS is then ensured.
+* Length: a prompt over ``max_length`` tokens is shortened INSIDE the template: the item's longest field (the
+  anecdote's ``text``) is cut token-wise from its end and marked with ``TRUNCATION_MARK`` until the whole
+  prompt fits (should that field reach the length of the next longest, both are cut alike). Chat markup, system
+  text, few-shot examples and the question are never touched. The end goes first because a post's opening sets
+  out the situation and its title (kept) states the question, while its end is where edits and updates
+  accumulate; the mark tells the model the text was cut.
+* Dates: Llama 3.x templates print a "Today Date" line; ``date_string`` is pinned (``TEMPLATE_KWARGS``), so a
+  prompt never changes with the calendar (Llama 3.2's template would otherwise fill in today's date).
 """
 
 from __future__ import annotations
 
+import math
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +37,13 @@ import pandas as pd
 from moralign.config import Config, digest
 from moralign.data import TASKS, Task
 
+# The default raw-text answer cue (``prompts.<dataset>.answer_prefix``); the answer follows after one space.
 RAW_ANSWER_PREFIX = "Answer:"
+# Extra variables for chat templates. Llama 3.1's template defaults to this date; pinning it keeps every
+# Llama 3.x template's output independent of the day the prompt is rendered.
+TEMPLATE_KWARGS: dict[str, str] = {"date_string": "26 Jul 2024"}
+# Appended to an item field that was cut to fit ``max_length``.
+TRUNCATION_MARK = " [...]"
 
 
 def select_shots(train: pd.DataFrame, n_shots: int, seed: int) -> pd.DataFrame:
@@ -32,9 +57,46 @@ def select_shots(train: pd.DataFrame, n_shots: int, seed: int) -> pd.DataFrame:
     return pool.iloc[order].reset_index(drop=True)
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts an encoding with its BOS token by default (``add_bos_token`` or post-processor)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of rendered text: special tokens in it parsed, nothing appended, exactly one BOS when due."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not adds_bos(tokenizer):
+        return ids
+    bos, k = tokenizer.bos_token_id, 0
+    while k < len(ids) and ids[k] == bos:
+        k += 1
+    return [bos, *ids[k:]]
+
+
+def field_text(value: Any) -> str:
+    """An item field as prompt text: a missing value (None, NaN; e.g. an anecdote without an action) is empty."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A rendered, tokenized prompt; ``fields`` are the item's field texts as rendered (after any shortening)."""
+
+    ids: list[int]
+    text: str
+    shortened: bool
+    fields: dict[str, str]
+
+
 @dataclass(frozen=True)
 class PromptBuilder:
-    """Renders the prompt of any item of one (dataset, model) pair."""
+    """Renders and tokenizes the prompt of any item of one (dataset, model) pair."""
 
     task: Task
     spec: dict[str, Any]
@@ -59,10 +121,26 @@ class PromptBuilder:
         """One answer string per choice, in the task's choice order."""
         return list(self.spec["answers"])
 
-    def item_text(self, row: dict[str, Any] | pd.Series) -> str:
+    @property
+    def answer_prefix(self) -> str:
+        """The raw-text cue the answer follows (``chat_template: false`` only)."""
+        return self.spec.get("answer_prefix", RAW_ANSWER_PREFIX)
+
+    @property
+    def template_fields(self) -> list[str]:
+        """The task fields the template uses, in the order they appear."""
+        names = [name for _, name, _, _ in string.Formatter().parse(self.spec["template"]) if name]
+        return [f for f in dict.fromkeys(names) if f in self.task.fields]
+
+    def item_fields(self, row: dict[str, Any] | pd.Series) -> dict[str, str]:
+        """The item's task fields as text (a field the row lacks or leaves empty renders as "")."""
+        return {f: field_text(row.get(f)) for f in self.task.fields}
+
+    def item_text(self, row: dict[str, Any] | pd.Series, fields: dict[str, str] | None = None) -> str:
         """The item and its question, from the template."""
+        values = self.item_fields(row) if fields is None else fields
         try:
-            return self.spec["template"].format(**{f: row[f] for f in self.task.fields})
+            return self.spec["template"].format(**values)
         except KeyError as err:
             raise ValueError(
                 f"prompts.{self.task.name}.template uses {{{err.args[0]}}}; available fields: {list(self.task.fields)}"
@@ -73,49 +151,128 @@ class PromptBuilder:
         chosen = [s for _, s in self.shots.iterrows() if s["id"] != item_id][:n]
         return [(self.item_text(s), self.answers[int(s["majority"])]) for s in chosen]
 
-    def messages(self, row: dict[str, Any] | pd.Series) -> list[dict[str, str]]:
+    def messages(self, row: dict[str, Any] | pd.Series, fields: dict[str, str] | None = None) -> list[dict[str, str]]:
         """Chat messages: system (if any), shots as user/assistant turns, then the item."""
         msgs: list[dict[str, str]] = []
         if self.spec.get("system"):
             msgs.append({"role": "system", "content": self.spec["system"]})
         for text, answer in self._shots_for(row["id"]):
             msgs += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-        msgs.append({"role": "user", "content": self.item_text(row)})
+        msgs.append({"role": "user", "content": self.item_text(row, fields)})
         return msgs
 
-    def render(self, tokenizer: Any, row: dict[str, Any] | pd.Series) -> str:
-        """The full prompt text; the answer is the next token."""
+    def render(
+        self,
+        tokenizer: Any,
+        row: dict[str, Any] | pd.Series,
+        fields: dict[str, str] | None = None,
+        answer: str | None = None,
+    ) -> str:
+        """The prompt text (the answer is the next token); with ``answer``, the whole conversation including it."""
         if not self.chat:
+            prefix = self.answer_prefix
+            cue = (lambda text: f"{text}\n{prefix}") if prefix else (lambda text: text)
             parts = [self.spec["system"]] if self.spec.get("system") else []
-            parts += [f"{text}\n{RAW_ANSWER_PREFIX} {answer}" for text, answer in self._shots_for(row["id"])]
-            parts.append(f"{self.item_text(row)}\n{RAW_ANSWER_PREFIX}")
-            return "\n\n".join(parts)
-        msgs = self.messages(row)
+            parts += [f"{cue(text)} {shot}" for text, shot in self._shots_for(row["id"])]
+            parts.append(cue(self.item_text(row, fields)))
+            prompt = "\n\n".join(parts)
+            return prompt if answer is None else f"{prompt} {answer}"
+        msgs = self.messages(row, fields)
         if not self.system_role:
             msgs = fold_system(msgs)
+        if answer is not None:
+            msgs.append({"role": "assistant", "content": answer})
         try:
-            return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except jinja2.TemplateError:
-            # Templates that reject a system turn (Mistral's) get the system text in the first user turn.
-            if msgs[0]["role"] != "system":
-                raise
-            return tokenizer.apply_chat_template(fold_system(msgs), add_generation_prompt=True, tokenize=False)
+            return tokenizer.apply_chat_template(
+                msgs, add_generation_prompt=answer is None, tokenize=False, **TEMPLATE_KWARGS
+            )
+        except jinja2.TemplateError as err:
+            hint = (
+                " (set system_role: false in its model entry if it rejects a system turn)" if self.system_role else ""
+            )
+            raise ValueError(f"the chat template failed on item {row['id']}{hint}: {err}") from err
+
+    def conversation(self, tokenizer: Any, row: dict[str, Any] | pd.Series, fields: dict[str, str], answer: str) -> str:
+        """The whole conversation: the prompt as scored, followed by the answer turn as the chat template writes it.
+
+        The answer turn is what the chat template renders after the item's (last) user message once the assistant's
+        answer is added, less what it renders there as the generation prompt. It is appended to the prompt as
+        scored rather than taken from a fresh rendering because a template may render earlier turns differently
+        once the conversation ends with an assistant turn: Mistral v0.3's puts the system text into the last user
+        turn only while that turn is the last message, so its rendering of the answered conversation has no system
+        text at all. Raw text: the prompt, a space, the answer.
+        """
+        prompt = self.render(tokenizer, row, fields)
+        if not self.chat:
+            return f"{prompt} {answer}"
+        answered = self.render(tokenizer, row, fields, answer=answer)
+        last = self.item_text(row, fields).strip()
+        if last not in prompt or last not in answered:
+            raise ValueError(f"item {row['id']}: the chat template does not write the item's text verbatim")
+        cue = prompt[prompt.rindex(last) + len(last) :]
+        turn = answered[answered.rindex(last) + len(last) :]
+        if not turn.startswith(cue):
+            raise ValueError(
+                f"item {row['id']}: after the item, the template writes {turn!r} once answered {answer!r} but {cue!r} "
+                "as the generation prompt; the answer turn cannot be placed after the prompt"
+            )
+        return prompt + turn[len(cue) :]
+
+    def encode(self, tokenizer: Any, row: dict[str, Any] | pd.Series, max_length: int | None = None) -> EncodedPrompt:
+        """Render and tokenize the item's prompt; over ``max_length`` tokens, its longest field is shortened.
+
+        See the module docstring for the BOS and shortening rules. When cutting the longest field to the length of
+        the next one is not enough, both are cut to the same length, and so on (an anecdote's title is touched
+        only once its story is down to the title's length; a dilemma's two actions end up equally long). Raises
+        ``ValueError`` when the prompt does not fit even with every item field emptied.
+        """
+        fields = self.item_fields(row)
+        text = self.render(tokenizer, row, fields)
+        ids = encode_text(tokenizer, text)
+        if max_length is None or len(ids) <= max_length:
+            return EncodedPrompt(ids, text, False, fields)
+        pieces = {f: tokenizer(fields[f], add_special_tokens=False)["input_ids"] for f in self.template_fields}
+        mark = len(tokenizer(TRUNCATION_MARK, add_special_tokens=False)["input_ids"])
+        cap = max((len(p) for p in pieces.values()), default=0)
+        while cap > 0:
+            # the largest cap on every field's length that removes at least the excess tokens, marks included
+            excess = len(ids) - max_length
+            while cap > 0 and sum(len(p) - cap - mark for p in pieces.values() if len(p) > cap) < excess:
+                cap -= 1
+            cut = {
+                f: tokenizer.decode(p[:cap], skip_special_tokens=True, clean_up_tokenization_spaces=False).rstrip()
+                + TRUNCATION_MARK
+                for f, p in pieces.items()
+                if len(p) > cap
+            }
+            text = self.render(tokenizer, row, {**fields, **cut})
+            ids = encode_text(tokenizer, text)
+            if len(ids) <= max_length:
+                return EncodedPrompt(ids, text, True, {**fields, **cut})
+            pieces = {f: p[:cap] if f in cut else p for f, p in pieces.items()}
+        raise ValueError(
+            f"{self.task.name} item {row['id']}: the prompt does not fit in max_length={max_length} tokens even with "
+            f"its {self.template_fields} cut to nothing (system text, shots and template alone are too long); "
+            "raise max_length"
+        )
 
     def fingerprint(self, tokenizer: Any) -> str:
-        """Hash of everything that shapes a prompt: the variant, the chat template and the shots."""
+        """Hash of everything that shapes a prompt: the variant, the chat template, the shots and the BOS rule."""
         return digest(
             {
                 "spec": self.spec,
                 "chat": self.chat,
                 "system_role": self.system_role,
                 "chat_template": getattr(tokenizer, "chat_template", None) if self.chat else None,
+                "template_kwargs": TEMPLATE_KWARGS if self.chat else None,
+                "adds_bos": adds_bos(tokenizer) if tokenizer is not None else None,  # API models: no tokenizer
                 "shots": list(self.shots["id"]) if len(self.shots) else [],
             }
         )
 
 
 def fold_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Move a leading system message into the first user turn."""
+    """Move a leading system message into the first user turn (for templates that reject a system turn)."""
     if not msgs or msgs[0]["role"] != "system":
         return msgs
     system, rest = msgs[0]["content"], [dict(m) for m in msgs[1:]]

@@ -1,12 +1,16 @@
 """LoRA / QLoRA fine-tuning toward human vote distributions, through trl's SFTTrainer.
 
-Two recipes (design.md §4), both on prompts rendered and tokenized exactly as extraction does:
+Two recipes (design.md §4), both on prompts rendered and tokenized exactly as extraction does (both call
+``moralign.prompts.PromptBuilder.encode``: one BOS where due, over-long items shortened inside the template):
 
 * ``votes`` — the paper's text-to-text SFT: prompt -> answer text, completion-only loss. Each training item
   becomes ``votes_per_item`` examples whose answers are drawn from its vote distribution by systematic
   sampling (one random offset per item): answer j appears K·h_j times in expectation (exactly y_j times when
   K equals the item's vote total), so the expected loss is the soft-label cross-entropy on the answer tokens,
   every item weighs the same however many votes it has, and the data stays bounded for items with thousands.
+  The target is the token the model would produce: the first token of the answer as the tokenizer encodes the
+  whole conversation (prompt + the assistant's answer turn, rendered by the chat template), checked to be one
+  of the answer's variants (``answer_targets``).
 * ``soft`` — the loss is the cross-entropy between the human distribution h and the model's distribution over
   the choices at the answer position (variants summed, renormalised): exactly what the metrics score.
 
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from moralign.extraction import AnswerTokens, Scorer, continuation, normalise, pad_batch
+from moralign.prompts import EncodedPrompt, PromptBuilder, encode_text
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +151,7 @@ def build_trainer(
         bf16=on_cuda,
         use_cpu=not on_cuda,
         gradient_checkpointing=settings["gradient_checkpointing"] and on_cuda,
-        max_length=None,  # prompts are truncated by the project (from the left), never the answer
+        max_length=None,  # prompts are shortened by the project (inside the template), never the answer
         completion_only_loss=True,
         dataset_kwargs={"skip_prepare_dataset": objective == "soft"},
         remove_unused_columns=objective != "soft",
@@ -165,31 +170,66 @@ def build_trainer(
     )
 
 
+def encode_items(builder: PromptBuilder, tokenizer: Any, frame: Any, max_length: int | None) -> list[EncodedPrompt]:
+    """The prompts of a split's items, as extraction encodes them (the same function, the same ``max_length`` rule)."""
+    return [builder.encode(tokenizer, row, max_length) for _, row in frame.iterrows()]
+
+
+def answer_targets(
+    builder: PromptBuilder, tokenizer: Any, row: Any, prompt: EncodedPrompt, answers: AnswerTokens
+) -> list[int]:
+    """Per choice, the token the model would produce: the first answer token of the encoded whole conversation.
+
+    The conversation is the prompt as scored followed by the assistant's answer turn as the chat template writes
+    it (``PromptBuilder.conversation``; raw text: a space and the answer), encoded like every prompt. Its ids must
+    continue the prompt's ids, and the next one must be a variant of the answer; anything else is an error.
+    """
+    targets = []
+    for j, answer in enumerate(answers.answers):
+        whole = encode_text(tokenizer, builder.conversation(tokenizer, row, prompt.fields, answer))
+        n = len(prompt.ids)
+        if whole[:n] != prompt.ids or len(whole) == n:
+            raise ValueError(
+                f"item {row['id']}: the conversation answered {answer!r} does not continue the prompt's tokens "
+                f"(the answer merges with the prompt's last token)"
+            )
+        if whole[n] not in answers.variants[j]:
+            raise ValueError(
+                f"item {row['id']}: the answer turn {answer!r} starts with token {whole[n]} "
+                f"({tokenizer.decode([whole[n]])!r}), which is not one of the answer's variants {answers.variants[j]}"
+            )
+        targets.append(whole[n])
+    return targets
+
+
 def training_rows(
     objective: str,
     tokenizer: Any,
-    prompt_texts: list[str],
-    prompt_ids: list[list[int]],
+    builder: PromptBuilder,
+    items: Any,
+    prompts: list[EncodedPrompt],
     counts: np.ndarray,
     answers: AnswerTokens,
     settings: dict[str, Any],
-    chat: bool,
 ) -> list[dict[str, Any]]:
-    """Tokenized training examples of one recipe."""
+    """Tokenized training examples of one recipe; ``prompts`` are ``encode_items`` of ``items`` (a split's rows)."""
     if objective == "soft":
         human = counts / counts.sum(axis=1, keepdims=True)
-        return [{"input_ids": ids, "target": h.tolist()} for ids, h in zip(prompt_ids, human, strict=True)]
-    sep = "" if chat else " "
-    rows = []
+        return [{"input_ids": p.ids, "target": h.tolist()} for p, h in zip(prompts, human, strict=True)]
+    rows = [row for _, row in items.iterrows()]
+    sep = "" if builder.chat else " "
+    targets: dict[int, list[int]] = {}
+    examples = []
     for i, j in vote_examples(counts, settings["votes_per_item"], settings["seed"]):
         if answers.single_token:
-            # the answer is one of the very tokens extraction reads, so training and scoring agree
-            ctx, cont = prompt_ids[i], [answers.canonical(j, chat)]
+            if i not in targets:
+                targets[i] = answer_targets(builder, tokenizer, rows[i], prompts[i], answers)
+            ctx, cont = prompts[i].ids, [targets[i][j]]
         else:
-            ctx, cont = continuation(tokenizer, prompt_texts[i], sep + answers.answers[j], add_special_tokens=not chat)
-            ctx = ctx[-settings["max_length"] :]
-        rows.append({"input_ids": ctx + cont, "completion_mask": [0] * len(ctx) + [1] * len(cont)})
-    return rows
+            # the continuation route extraction scores: the answer tokenized jointly with the prompt text
+            ctx, cont = continuation(tokenizer, prompts[i].text, sep + answers.answers[j])
+        examples.append({"input_ids": ctx + cont, "completion_mask": [0] * len(ctx) + [1] * len(cont)})
+    return examples
 
 
 def lora_config(settings: dict[str, Any]) -> Any:

@@ -23,8 +23,6 @@ import pandas as pd
 
 from moralign.config import Config
 
-PREDICTION_COLUMNS = ("id", "logp_choice", "coverage", "p", "n_prompt_tokens")
-
 
 class Predictor(ABC):
     """Answer distributions for items of one (model, dataset, condition) cell."""

@@ -6,6 +6,7 @@ binary items are also scored with their two options exchanged and the two distri
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pandas as pd
@@ -14,7 +15,9 @@ from moralign import extraction as ex
 from moralign.config import Config
 from moralign.io import environment
 from moralign.predictors import CellInputs, Predictor
-from moralign.prompts import PromptBuilder, swap_options
+from moralign.prompts import EncodedPrompt, PromptBuilder, swap_options
+
+log = logging.getLogger(__name__)
 
 
 class HFPredictor(Predictor):
@@ -23,6 +26,7 @@ class HFPredictor(Predictor):
     def __init__(self, model: Any, tokenizer: Any, builder: PromptBuilder, settings: dict[str, Any]) -> None:
         self.tokenizer = tokenizer
         self.builder = builder
+        self.max_length = settings["max_length"]
         self.debias = settings["debias"]
         if self.debias == "swap" and builder.task.option_fields is None:
             raise ValueError(
@@ -37,28 +41,40 @@ class HFPredictor(Predictor):
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "quantization": settings["quantization"],
             "debias": self.debias,
+            "max_length": self.max_length,
         }
 
-    def _logp(self, items: pd.DataFrame) -> tuple[ex.PromptSet, Any]:
-        texts = [self.builder.render(self.tokenizer, row) for _, row in items.iterrows()]
-        prompts = ex.PromptSet(list(items["id"]), texts, ex.encode_prompts(self.tokenizer, texts, self.builder.chat))
-        return prompts, ex.score_prompts(self.scorer, self.tokenizer, prompts, self.answers, self.builder.chat)
+    def encode(self, items: pd.DataFrame) -> list[EncodedPrompt]:
+        """The items' prompts, rendered and tokenized by the one function fine-tuning uses too."""
+        return [self.builder.encode(self.tokenizer, row, self.max_length) for _, row in items.iterrows()]
+
+    def _logp(self, items: pd.DataFrame) -> tuple[list[EncodedPrompt], Any]:
+        encoded = self.encode(items)
+        prompts = ex.PromptSet(list(items["id"]), [e.text for e in encoded], [e.ids for e in encoded])
+        return encoded, ex.score_prompts(self.scorer, self.tokenizer, prompts, self.answers, self.builder.chat)
 
     def predict(self, items: pd.DataFrame) -> pd.DataFrame:
         """See :meth:`Predictor.predict`."""
-        prompts, logp = self._logp(items)
-        n_tokens = [len(t) for t in prompts.token_ids]
+        encoded, logp = self._logp(items)
+        ids, n_tokens, shortened = list(items["id"]), [len(e.ids) for e in encoded], [e.shortened for e in encoded]
         if self.debias != "swap":
-            return ex.predictions_frame(prompts.ids, logp, n_tokens)
+            return ex.predictions_frame(ids, logp, n_tokens, shortened=shortened)
         swapped = pd.DataFrame([swap_options(row, self.builder.task) for _, row in items.iterrows()])
         _, logp_swapped = self._logp(swapped)
         mean_logp, p = ex.average_orders(logp, logp_swapped[:, ::-1])
-        return ex.predictions_frame(prompts.ids, mean_logp, n_tokens, p=p)
+        return ex.predictions_frame(ids, mean_logp, n_tokens, p=p, shortened=shortened)
+
+    def summarise(self, predictions: pd.DataFrame) -> dict[str, Any]:
+        """How many items had their text cut to fit ``extract.max_length`` (moralign.prompts.PromptBuilder.encode)."""
+        shortened = int(predictions["shortened"].sum())
+        if shortened:
+            log.warning("%d items shortened to fit extract.max_length=%s", shortened, self.max_length)
+        return {"shortened_items": shortened}
 
     def examples(self, items: pd.DataFrame) -> str:
-        """The rendered prompts, exactly as the model reads them."""
+        """The rendered prompts, exactly as the model reads them (shortened items as shortened)."""
         return "\n".join(
-            f"===== {row['id']} =====\n{self.builder.render(self.tokenizer, row)}\n" for _, row in items.iterrows()
+            f"===== {row_id} =====\n{e.text}\n" for row_id, e in zip(items["id"], self.encode(items), strict=True)
         )
 
 

@@ -15,7 +15,7 @@ from moralign.config import Config, digest
 from moralign.data import counts_matrix
 from moralign.io import atomic_dir, environment, read_json, write_json
 from moralign.modelfiles import base_identity, check_model_folder
-from moralign.prompts import PromptBuilder
+from moralign.prompts import EncodedPrompt, PromptBuilder
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,22 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
     if not answers.single_token and settings["objective"] == "soft":
         raise ValueError(f"recipe {recipe}: the soft objective needs single-token answers; {builder.answers} are not")
 
-    def split_prompts(split: str, cap: int | None) -> tuple[list[str], list[list[int]], np.ndarray]:
+    def split_prompts(split: str, cap: int | None) -> tuple[pd.DataFrame, list[EncodedPrompt], np.ndarray]:
         frame = pd.read_parquet(data_dir / f"{split}.parquet")
         if cap:
             frame = frame.head(cap)
-        texts = [builder.render(tokenizer, row) for _, row in frame.iterrows()]
-        return texts, ex.encode_prompts(tokenizer, texts, builder.chat, settings["max_length"]), counts_matrix(frame)
+        prompts = training.encode_items(builder, tokenizer, frame, settings["max_length"])
+        shortened[split] = sum(p.shortened for p in prompts)
+        if shortened[split]:
+            log.warning("%s: %d items shortened to fit max_length=%d", split, shortened[split], settings["max_length"])
+        return frame, prompts, counts_matrix(frame)
 
-    train_texts, train_ids, train_counts = split_prompts("train", settings["max_train_items"])
-    _, dev_ids, dev_counts = split_prompts("dev", settings["max_dev_items"])
+    shortened: dict[str, int] = {}
+    train_items, train_prompts, train_counts = split_prompts("train", settings["max_train_items"])
+    _, dev_prompts, dev_counts = split_prompts("dev", settings["max_dev_items"])
+    dev_ids = [p.ids for p in dev_prompts]
     rows = training.training_rows(
-        settings["objective"], tokenizer, train_texts, train_ids, train_counts, answers, settings, builder.chat
+        settings["objective"], tokenizer, builder, train_items, train_prompts, train_counts, answers, settings
     )
     lm = training.wrap_lora(base, settings, settings["quantization"] == "4bit")
     checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
@@ -78,9 +83,11 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
         "recipe": recipe,
         "hyperparameters": settings,
         "template_hash": builder.fingerprint(tokenizer),
-        "train_items": len(train_ids),
+        "train_items": len(train_prompts),
         "train_examples": len(rows),
         "dev_items": len(dev_ids),
+        # items whose text was cut to fit max_length (moralign.prompts.PromptBuilder.encode), per split
+        "shortened_items": shortened,
         **result,
         "runtime": runtime,
         "environment": environment(),
