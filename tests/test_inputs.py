@@ -824,3 +824,14 @@ def test_a_config_error_is_one_line_too(tmp_path):
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "extrac" in lines[0] and "Traceback" not in proc.stderr, lines
+
+
+def test_adapter_identity_is_its_weights_and_config_not_its_training_log(tmp_path):
+    from moralign.modelfiles import adapter_identity
+
+    folder = _adapter(tmp_path / "a", weights="a" * 40)
+    first = adapter_identity(folder)
+    (folder / "metadata.json").write_text(json.dumps({"wall_seconds": 12.5}))  # another run's timings
+    assert adapter_identity(folder) == first
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 9}))
+    assert adapter_identity(folder) != first

@@ -734,15 +734,10 @@ def test_demo_workflow_gains_the_api_row(demo_run, fake, tmp_path, key_env):
     assert list(row["condition"]) == ["base"]  # an API model has no fine-tuned conditions
     test = pd.read_parquet(repo / "data/demo/processed/dilemmas/test.parquet")
     sent = {b["messages"][-1]["content"]: b for b in fake.calls}
+    from moralign.config import load_config
     from moralign.prompts import PromptBuilder
 
-    cfg = validate(
-        {
-            **yaml.safe_load((repo / "config/demo.yaml").read_text()),
-            **overlay,
-            "models": {**yaml.safe_load((repo / "config/demo.yaml").read_text())["models"], "fake-4o": extra},
-        }
-    )
+    cfg = load_config([repo / "params.yaml", repo / "config/demo.yaml", repo / "api.yaml"])  # as Snakemake merges
     builder = PromptBuilder.from_config(
         cfg, "fake-4o", "dilemmas", pd.read_parquet(repo / "data/demo/processed/dilemmas/train.parquet")
     )

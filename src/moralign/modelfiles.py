@@ -192,6 +192,15 @@ def check_adapter(adapter_dir: str | Path, base_dir: str | Path) -> None:
     )
 
 
+def adapter_identity(adapter_dir: str | Path) -> str:
+    """Fingerprint of an adapter: its weights and configuration only.
+
+    Not its ``metadata.json``, which logs training times: two runs that train the same weights must give
+    predictions with the same provenance, byte for byte.
+    """
+    return fingerprint_files(adapter_dir, ("*.safetensors", "adapter_config.json"))
+
+
 def fingerprint_files(folder: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "*.json")) -> str:
     """sha256 over a folder's weight and config files (names and contents), for provenance."""
     h = hashlib.sha256()

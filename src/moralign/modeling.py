@@ -31,12 +31,25 @@ def configure_torch(threads: int, device: torch.device) -> dict[str, Any]:
     cuda = device.type == "cuda"
     if cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=cuda)
+    _use_deterministic_algorithms(warn_only=cuda)
     return {
         "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "deterministic_algorithms": "warn-only" if cuda else True,
     }
+
+
+def _use_deterministic_algorithms(warn_only: bool) -> None:
+    """``torch.use_deterministic_algorithms(True)`` for eager code, without importing torch's compiler.
+
+    The public function also sets ``torch._inductor``'s config, which imports the compiler stack (~2.4 s per
+    process, and the demo starts dozens); moralign never compiles, so setting the eager flag is the same.
+    """
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # a torch without the private setter: the public one does the same, slower
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    else:
+        setter(True, warn_only=warn_only)
 
 
 def resolve_device(preference: str) -> torch.device:

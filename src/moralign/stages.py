@@ -419,8 +419,12 @@ _DATA_FILE = re.compile(r"""Path\(__file__\)\.with_name\(\s*["']([^"']+)["']\s*\
 
 
 def _data_files(path: Path) -> set[Path]:
-    """Package data a module reads next to itself (``Path(__file__).with_name("x")``)."""
-    return {path.with_name(name) for name in _DATA_FILE.findall(path.read_text())}
+    """Package data a module reads next to itself (``Path(__file__).with_name("x")``): a file, or a folder's files."""
+    found = set()
+    for name in _DATA_FILE.findall(path.read_text()):
+        target = path.with_name(name)
+        found |= {f for f in target.rglob("*") if f.is_file()} if target.is_dir() else {target}
+    return found
 
 
 @cache
