@@ -29,7 +29,7 @@ accumulated over fixed micro-batches of 2); on CUDA the forward pass runs in bfl
 state stay float32). Training checkpoints everything (weights, optimiser, schedule, random state, best epoch so far)
 every ``checkpoint_steps`` optimiser steps and after every epoch; a killed job resumes from its last checkpoint
 and ends with the same weights and predictions as an uninterrupted one (each epoch's batches are a function of the
-seed and the epoch).
+seed and the epoch; bit for bit on a CPU, up to the few CUDA kernels without a deterministic version on a GPU).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -308,15 +308,14 @@ def load_model(
 
 @dataclass
 class Split:
-    """The encoded items of one split and their vote counts."""
+    """The encoded items of one split, their vote counts and each item's longest sequence (``lengths``)."""
 
     items: list[list[Unit]]
     counts: np.ndarray
+    lengths: list[int] = field(init=False)
 
-    @property
-    def lengths(self) -> list[int]:
-        """Each item's longest sequence."""
-        return [max(len(ids) for ids, _ in units) for units in self.items]
+    def __post_init__(self) -> None:
+        self.lengths = [max(len(ids) for ids, _ in units) for units in self.items]
 
 
 def parameter_groups(net: Any, weight_decay: float) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from moralign import encoders
-from moralign.config import Config, digest
+from moralign.config import Config, ConfigError, digest
 from moralign.data import counts_matrix
 from moralign.io import atomic_dir, environment, read_json, write_json
 from moralign.modelfiles import base_identity, check_model_folder
@@ -43,7 +43,7 @@ def run(cfg: Config, model: str, dataset: str, data_dir: Path, base_dir: Path, o
     runtime = configure_torch(settings["threads"], device)
     bf16 = resolve_dtype(settings["dtype"], device) == torch.bfloat16
     if bf16 and device.type != "cuda":
-        raise ValueError("encoder.dtype: bfloat16 autocast needs CUDA; use auto or float32 on a CPU")
+        raise ConfigError("encoder.dtype: bfloat16 autocast needs CUDA; use auto or float32 on a CPU")
     tokenizer = load_tokenizer(str(base_dir))
     max_length = encoders.max_length_of(settings, dataset)
     encoder = encoders.InputEncoder(tokenizer, dataset, max_length)
