@@ -7,9 +7,16 @@ from tests.conftest import ROOT
 
 def test_paper_and_demo_configs_validate():
     paper = load_config(ROOT / "params.yaml")
-    assert paper.models == ["llama-3.1-8b-instruct", "zephyr-7b-beta", "mistral-7b-instruct-v0.3", "gpt-4o"]
+    assert paper.models == [
+        "llama-3.1-8b-instruct",
+        "zephyr-7b-beta",
+        "mistral-7b-instruct-v0.3",
+        "gpt-4o",
+        "bert-large-uncased",
+        "roberta-large",
+    ]
     assert paper.model("mistral-7b-instruct-v0.3")["hf_id"] == "mistralai/Mistral-7B-Instruct-v0.3"
-    assert paper.conditions == ["base", "votes", "soft"]
+    assert paper.conditions == ["base", "votes", "soft", "trained"]
     demo = load_config(ROOT / "config/demo.yaml")
     assert demo.run == "demo" and demo["data"]["source"] == "sample"
 
@@ -18,9 +25,9 @@ def test_demo_overlay_replaces_what_runs():
     merged = load_config([ROOT / "params.yaml", ROOT / "config/demo.yaml"])
     demo = load_config(ROOT / "config/demo.yaml")
     # lists replace on merge: the paper's models are defined but not planned
-    assert merged.models == demo.models == ["tiny-llama", "tiny-mistral"]
+    assert merged.models == demo.models == ["tiny-llama", "tiny-mistral", "tiny-bert", "tiny-roberta"]
     assert merged.run == "demo"
-    for key in ("experiment", "prompts", "extract", "finetune", "score", "data"):
+    for key in ("experiment", "prompts", "extract", "finetune", "encoder", "score", "data"):
         assert merged[key] == demo[key], key
 
 

@@ -27,12 +27,17 @@ def snakemake_jobs(cwd, *args):
 def test_paper_plan_without_network():
     jobs = snakemake_jobs(ROOT)
     counts = pd.Series([r for r, _ in jobs]).value_counts()
-    # 3 local models x 2 datasets: a base and 2 tuned extraction cells each, 2 fine-tuning jobs each; GPT-4o: base only
+    # 3 local models x 2 datasets: a base and 2 tuned extraction cells each, 2 fine-tuning jobs each; GPT-4o: base only;
+    # BERT-large and RoBERTa-large: one trained encoder per dataset, its extraction and score, no base row
     assert counts["extract_base"] == 6 and counts["extract_tuned"] == 12 and counts["finetune"] == 12
     assert counts["extract_api"] == 2 and counts["score_base"] == 8 and counts["score_tuned"] == 12
-    assert counts["fetch_model"] == 3 and counts["download"] == 2 and "build_model" not in counts
+    assert counts["train_encoder"] == 4 and counts["extract_trained"] == 4 and counts["score_trained"] == 4
+    assert counts["fetch_model"] == 5 and counts["download"] == 2 and "build_model" not in counts
     api = [outs for rule, outs in jobs if rule in ("extract_api", "finetune", "extract_tuned") and "gpt-4o" in outs[0]]
     assert len(api) == 2, api  # no fine-tuning of an API model
+    encoders = {(r, o) for r, outs in jobs for o in outs if "bert-large-uncased" in o or "roberta-large" in o}
+    assert {r for r, _ in encoders} == {"fetch_model", "train_encoder", "extract_trained", "score_trained"}
+    assert all("/base/" not in o for r, o in encoders if r != "fetch_model")  # no base row of an encoder
     plan = run(["snakemake", "-n", "--forceall"], ROOT).stdout
     gpu_rules, rule = set(), None
     for line in plan.splitlines():
@@ -41,15 +46,17 @@ def test_paper_plan_without_network():
             rule = s.split()[1][:-1]
         elif s.startswith("resources:") and "gpu=1" in s:
             gpu_rules.add(rule)
-    assert gpu_rules == {"extract_base", "extract_tuned", "finetune"}
+    assert gpu_rules == {"extract_base", "extract_tuned", "finetune", "train_encoder", "extract_trained"}
 
 
 def test_demo_plans_only_demo_models():
     jobs = snakemake_jobs(ROOT, "--configfile", "config/demo.yaml")
     outputs = " ".join(o for _, outs in jobs for o in outs)
-    assert "tiny-llama" in outputs and "tiny-mistral" in outputs
+    assert all(m in outputs for m in ("tiny-llama", "tiny-mistral", "tiny-bert", "tiny-roberta"))
     assert "llama-3.1" not in outputs and "zephyr" not in outputs and "/paper/" not in outputs
-    assert sum(r.startswith("extract") for r, _ in jobs) == 12 and sum(r == "finetune" for r, _ in jobs) == 8
+    assert "roberta-large" not in outputs and "bert-large" not in outputs
+    assert sum(r.startswith("extract") for r, _ in jobs) == 16 and sum(r == "finetune" for r, _ in jobs) == 8
+    assert sum(r == "train_encoder" for r, _ in jobs) == 4 and sum(r == "build_model" for r, _ in jobs) == 4
 
 
 def test_snakemake_lint_is_clean():
@@ -67,7 +74,7 @@ def test_demo_produces_the_table(demo_run):
     table = pd.read_csv(reports / "results.csv")
     models = table[table["kind"] == "model"]
     cells = models.groupby(["dataset", "model", "condition"]).size()
-    assert len(cells) == 2 * 2 * 3  # datasets x models x {base, votes, soft}
+    assert len(cells) == 2 * (2 * 3 + 2)  # datasets x (LMs x {base, votes, soft} + encoders x {trained})
     assert (cells == len(METRICS)).all()
     refs = table[table["kind"] == "reference"]
     assert set(refs["model"]) == {"uniform", "train_prior", "best"}

@@ -46,6 +46,10 @@ def load_yaml(text: str) -> Any:
 
 
 CONDITION_BASE = "base"
+# The one condition of an encoder baseline (backend: encoder): trained on the votes; its untrained head is noise.
+CONDITION_TRAINED = "trained"
+# build.architecture values of the encoder baselines (moralign.tinyencoders); the others are causal LMs.
+ENCODER_ARCHITECTURES = ("bert", "roberta")
 
 
 class ConfigError(ValueError):
@@ -178,10 +182,14 @@ class Config:
         """The conditions of model ``model``: the one place that decides which cells a model has.
 
         A local causal LM has ``base`` and one condition per fine-tuning recipe; an API model (``backend: openai``)
-        has only ``base``: there are no weights to tune.
+        has only ``base``: there are no weights to tune; an encoder baseline (``backend: encoder``) has only
+        ``trained``: a classification head is random until trained, so there is no base row.
         """
-        if self.backend(model) == "openai":
+        backend = self.backend(model)
+        if backend == "openai":
             return [CONDITION_BASE]
+        if backend == "encoder":
+            return [CONDITION_TRAINED]
         return [CONDITION_BASE, *self.recipes]
 
     @property
@@ -194,7 +202,7 @@ class Config:
         return [(d, m, c) for d in self.datasets for m in self.models for c in self.conditions_of(m)]
 
     def tuned(self, model: str) -> list[str]:
-        """The conditions of ``model`` that need a trained adapter (every condition but ``base``)."""
+        """The conditions of ``model`` other than ``base`` (LoRA recipes; ``trained`` for an encoder)."""
         return [c for c in self.conditions_of(model) if c != CONDITION_BASE]
 
     def prompt(self, dataset: str) -> dict[str, Any]:
@@ -266,6 +274,27 @@ def _check_api_model(name: str, model: dict[str, Any], origin: str) -> None:
         )
 
 
+def _check_local_model(name: str, model: dict[str, Any], origin: str) -> None:
+    """A causal LM (``backend: hf``) or an encoder baseline (``backend: encoder``) with weights to load or build."""
+    if ("hf_id" in model) == ("build" in model):
+        raise ConfigError(
+            f"{origin}: models.{name} needs exactly one of 'hf_id' (load a model) or 'build' (build a tiny one)"
+        )
+    encoder = model["backend"] == "encoder"
+    built = model.get("build", {}).get("architecture")
+    if built is not None and (built in ENCODER_ARCHITECTURES) != encoder:
+        want = "encoder" if built in ENCODER_ARCHITECTURES else "hf"
+        raise ConfigError(
+            f"{origin}: models.{name}.build.architecture is {built!r}, which needs backend: {want} "
+            f"(backend is {model['backend']!r})"
+        )
+    if encoder and model["chat_template"]:
+        raise ConfigError(
+            f"{origin}: models.{name} has backend: encoder, which reads the item's text with no prompt or chat "
+            "markup; set chat_template: false"
+        )
+
+
 def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
     exp = cfg["experiment"]
     for name in exp["models"]:
@@ -282,14 +311,13 @@ def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
                 f"{origin}: models.{name} has an 'openai' block but backend '{model['backend']}'; "
                 f"set backend: openai or remove the block"
             )
-        elif ("hf_id" in model) == ("build" in model):
-            raise ConfigError(
-                f"{origin}: models.{name} needs exactly one of 'hf_id' (load a model) or 'build' (build a tiny one)"
-            )
+        else:
+            _check_local_model(name, model, origin)
     for name in exp["recipes"]:
-        if name == CONDITION_BASE:
+        if name in (CONDITION_BASE, CONDITION_TRAINED):
             raise ConfigError(
-                f"{origin}: experiment.recipes: '{CONDITION_BASE}' is the untuned condition, not a recipe"
+                f"{origin}: experiment.recipes: '{name}' names a condition of its own (the untuned models, the "
+                "encoder baselines), not a recipe; rename the recipe"
             )
         if name not in cfg["recipes"]:
             raise ConfigError(

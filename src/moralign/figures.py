@@ -28,14 +28,19 @@ def _plt():
 
 
 def _grouped_bars(plt: Any, cells: pd.DataFrame, height: float, intervals: bool) -> tuple[Any, Any, list[str]]:
-    """One group of bars per model, one bar per condition (colour and hatch), optionally with 95 % intervals."""
+    """One group of bars per model, one bar per condition (colour and hatch), optionally with 95 % intervals.
+
+    A model's bars are centred on its name whatever conditions it has (an encoder baseline has only ``trained``).
+    """
     names = sorted(cells["model"].unique())
     conditions = list(dict.fromkeys(cells["condition"]))
     width = 0.8 / max(1, len(conditions))
+    has = {m: [c for c in conditions if ((cells["model"] == m) & (cells["condition"] == c)).any()] for m in names}
     fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(names) + 2), height))
     for k, cond in enumerate(conditions):
         sub = cells[cells["condition"] == cond].set_index("model").reindex(names)
-        x = np.arange(len(names)) + (k - (len(conditions) - 1) / 2) * width
+        slot = [has[m].index(cond) - (len(has[m]) - 1) / 2 if cond in has[m] else 0.0 for m in names]
+        x = np.arange(len(names)) + np.array(slot) * width
         err = np.nan_to_num(np.vstack([sub["value"] - sub["low"], sub["high"] - sub["value"]])) if intervals else None
         ax.bar(
             x,
@@ -143,13 +148,21 @@ def reliability_figure(
 
 
 def scatter_figure(
-    cells: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], choice: str, dataset: str, out_stem: Path
+    cells: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    choice: str,
+    dataset: str,
+    out_stem: Path,
+    conditions: list[str] | None = None,
 ) -> list[Path]:
-    """Per-item model vs human probability of one choice, one panel per (model, condition)."""
+    """Per-item model vs human probability of one choice, one panel per (model, condition).
+
+    Columns follow ``conditions`` (default: as the labels first name them); conditions without cells are left out.
+    """
     plt = _plt()
     labels = list(cells)
     models = list(dict.fromkeys(label.split(" / ")[0] for label in labels))
-    conditions = list(dict.fromkeys(label.split(" / ")[1] for label in labels))
+    present = list(dict.fromkeys(label.split(" / ")[1] for label in labels))
+    conditions = [c for c in conditions if c in present] if conditions else present
     fig, axes = plt.subplots(
         len(models),
         len(conditions),
@@ -267,7 +280,7 @@ def plot_dataset(
     cells = _load_cells(preds, data_dir / f"{split}.parquet")
     choice = TASKS[dataset].choices[0]
     paths += reliability_figure(cells, choice, dataset, out_dir / f"{dataset}_reliability")
-    paths += scatter_figure(cells, choice, dataset, out_dir / f"{dataset}_scatter")
+    paths += scatter_figure(cells, choice, dataset, out_dir / f"{dataset}_scatter", list(order))
     paths += coverage_figure(long, dataset, out_dir / f"{dataset}_coverage")
     paths += differences_figure(diffs, dataset, out_dir / f"{dataset}_differences")
     return paths

@@ -8,7 +8,8 @@ format), so neither imports the other's caller.
 Base models (:func:`fetch_base_model`), one folder per model that every later step loads with
 ``from_pretrained``; ``moralign-source.json`` in it records where it came from:
 
-- ``build:`` — a tiny model built locally (:func:`moralign.tinymodels.build_tiny_model`);
+- ``build:`` — a tiny model built locally (:func:`moralign.tinymodels.build_tiny_model` for the causal LMs,
+  :func:`moralign.tinyencoders.build_tiny_encoder` for the BERT and RoBERTa encoders);
 - ``hf_id`` naming an existing local folder (the transformers rule: an existing directory is a path) — its
   files are hard-linked (copied across file systems) into the output; provenance = the path and the
   weights' fingerprint. A path-like ``hf_id`` (``/``, ``./``, ``~``, more than one ``/``) that does not exist is
@@ -37,7 +38,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from moralign.config import ConfigError
+from moralign.config import ENCODER_ARCHITECTURES, ConfigError
 from moralign.data import SPLITS, reproducible_tar, sha256_file
 from moralign.errors import DataError
 from moralign.io import atomic_dir, atomic_path, write_json
@@ -193,11 +194,16 @@ def fetch_base_model(
     """
     chat = bool(model_cfg.get("chat_template", True))
     with atomic_dir(out) as tmp:
-        if "build" in model_cfg:
+        if "build" in model_cfg and model_cfg["build"]["architecture"] in ENCODER_ARCHITECTURES:
+            from moralign.tinyencoders import build_tiny_encoder
+
+            build_tiny_encoder(model_cfg["build"], archives, tmp)
+            source: dict[str, Any] = {"built": model_cfg["build"], "hf_id": None, "revision": None}
+        elif "build" in model_cfg:
             from moralign.tinymodels import build_tiny_model
 
             build_tiny_model(model_cfg["build"], archives, tmp)
-            source: dict[str, Any] = {"built": model_cfg["build"], "hf_id": None, "revision": None}
+            source = {"built": model_cfg["build"], "hf_id": None, "revision": None}
         else:
             hf_id, revision = model_cfg["hf_id"], model_cfg.get("revision")
             local = local_model_path(hf_id)

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from moralign.config import CONDITION_BASE, Config, load_config
+from moralign.config import CONDITION_BASE, CONDITION_TRAINED, Config, load_config
 from moralign.data import ARCHIVES, TASKS
 from moralign.figures import FIGURES
 from moralign.predictors import backend_module
@@ -46,6 +46,7 @@ RAW = "data/{run}/raw/{archive}.tar.gz"
 PROCESSED = "data/{run}/processed/{dataset}"
 BASE_MODEL = "models/{run}/base/{model}"
 ADAPTER = "models/{run}/adapters/{dataset}/{model}/{recipe}"
+ENCODER = "models/{run}/encoders/{dataset}/{model}"
 PREDICTIONS = "results/{run}/predictions/{dataset}/{model}/{condition}"
 SCORES = "results/{run}/scores/{dataset}/{model}/{condition}.json"
 ITEM_SCORES = "results/{run}/scores/{dataset}/{model}/{condition}.items.parquet"
@@ -128,6 +129,15 @@ def _api_models(cfg: Config) -> list[str]:
     return [m for m in cfg.models if cfg.backend(m) == "openai"]
 
 
+def _encoder_models(cfg: Config) -> list[str]:
+    return [m for m in cfg.models if cfg.backend(m) == "encoder"]
+
+
+def _local_models(cfg: Config) -> list[str]:
+    """Models with weights in a base model folder (causal LMs and encoders), fetched or built alike."""
+    return [m for m in cfg.models if cfg.backend(m) in ("hf", "encoder")]
+
+
 def _model_instance(model: str) -> Instance:
     return {"model": model, "model_section": model_section(model)}
 
@@ -154,9 +164,13 @@ def _api_cells(cfg: Config) -> list[Instance]:
     return [{**i, "cache": API_CACHE} for i in _cells(cfg, _base(cfg), "condition", _api_models)]
 
 
+def _encoder_cells(cfg: Config) -> list[Instance]:
+    return _cells(cfg, lambda m: [CONDITION_TRAINED], "condition", _encoder_models)
+
+
 def _archives(cfg: Config) -> list[Instance]:
     needed = {TASKS[d].archive for d in cfg.datasets}
-    if any("build" in cfg.model(m) for m in _hf_models(cfg)):
+    if any("build" in cfg.model(m) for m in _local_models(cfg)):
         needed |= set(ARCHIVES)  # a tiny model's tokenizer is trained on the sample text of both archives
     return [{"archive": a} for a in ARCHIVES if a in needed]
 
@@ -201,7 +215,7 @@ STAGES: tuple[Stage, ...] = (
         name="build_model",
         script="fetch_model",
         wildcards=("model",),
-        instances=lambda cfg: [_model_instance(m) for m in _hf_models(cfg) if "build" in cfg.model(m)],
+        instances=lambda cfg: [_model_instance(m) for m in _local_models(cfg) if "build" in cfg.model(m)],
         inputs=lambda cfg: {"archives": [RAW.format(run="{run}", archive=a) for a in ARCHIVES]},
         outputs=lambda cfg: {"model": BASE_MODEL},
         folders=("model",),
@@ -212,7 +226,7 @@ STAGES: tuple[Stage, ...] = (
         name="fetch_model",
         script="fetch_model",
         wildcards=("model",),
-        instances=lambda cfg: [_model_instance(m) for m in _hf_models(cfg) if "build" not in cfg.model(m)],
+        instances=lambda cfg: [_model_instance(m) for m in _local_models(cfg) if "build" not in cfg.model(m)],
         inputs=lambda cfg: {},
         outputs=lambda cfg: {"model": BASE_MODEL},
         folders=("model",),
@@ -235,6 +249,21 @@ STAGES: tuple[Stage, ...] = (
         ),
         device_section="finetune",
         threads_section="finetune",
+    ),
+    Stage(
+        name="train_encoder",
+        script="train_encoder",
+        wildcards=("dataset", "model"),
+        instances=lambda cfg: [
+            {"dataset": d, **_model_instance(m)} for d in cfg.datasets for m in _encoder_models(cfg)
+        ],
+        inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL},
+        outputs=lambda cfg: {"encoder": ENCODER},
+        folders=("encoder",),
+        sections=("encoder", "{model_section}"),
+        args="--model {model} --dataset {dataset} --data-dir {input.data} --base {input.base} --out {output.encoder}",
+        device_section="encoder",
+        threads_section="encoder",
     ),
     Stage(
         name="extract_base",
@@ -269,6 +298,24 @@ STAGES: tuple[Stage, ...] = (
         device_section="extract",
         threads_section="extract",
         extra_modules=(backend_module("hf"),),
+    ),
+    Stage(
+        name="extract_trained",
+        script="extract",
+        wildcards=("dataset", "model"),
+        instances=_encoder_cells,
+        inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL, "encoder": ENCODER},
+        outputs=lambda cfg: {"predictions": PREDICTIONS.replace("{condition}", CONDITION_TRAINED)},
+        folders=("predictions",),
+        # no prompt: the encoder reads the item's text, truncated as in training (recorded in its folder)
+        sections=("extract", "{model_section}"),
+        args=(
+            "--model {model} --dataset {dataset} --condition trained --data-dir {input.data} --base {input.base}"
+            " --adapter {input.encoder} --out-dir {output.predictions}"
+        ),
+        device_section="extract",
+        threads_section="extract",
+        extra_modules=(backend_module("encoder"),),
     ),
     Stage(
         name="extract_api",
@@ -321,6 +368,22 @@ STAGES: tuple[Stage, ...] = (
         args=(
             "--dataset {dataset} --condition {recipe} --data-dir {input.data} --predictions {input.predictions}"
             " --baseline {input.baseline} --out {output.scores} --items {output.per_item}"
+        ),
+    ),
+    Stage(
+        name="score_trained",
+        script="score",
+        wildcards=("dataset", "model"),
+        instances=_encoder_cells,
+        inputs=lambda cfg: {"data": PROCESSED, "predictions": PREDICTIONS.replace("{condition}", CONDITION_TRAINED)},
+        outputs=lambda cfg: {
+            "scores": SCORES.replace("{condition}", CONDITION_TRAINED),
+            "per_item": ITEM_SCORES.replace("{condition}", CONDITION_TRAINED),
+        },
+        sections=("score", "experiment.eval_split"),
+        args=(
+            "--dataset {dataset} --condition trained --data-dir {input.data} --predictions {input.predictions}"
+            " --out {output.scores} --items {output.per_item}"
         ),
     ),
     Stage(

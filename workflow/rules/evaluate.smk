@@ -34,6 +34,24 @@ rule extract_tuned:
         shell_of("extract_tuned")
 
 
+rule extract_trained:
+    input:
+        unpack(inputs("extract_trained")),
+    output:
+        **outputs("extract_trained"),
+    params:
+        **params("extract_trained"),
+    wildcard_constraints:
+        **constraints("extract_trained"),
+    threads: threads_of("extract_trained")
+    resources:
+        gpu=gpus("extract_trained"),
+    log:
+        log_of("extract_trained"),
+    shell:
+        shell_of("extract_trained")
+
+
 rule extract_api:
     input:
         unpack(inputs("extract_api")),
@@ -79,6 +97,21 @@ rule score_tuned:
         log_of("score_tuned"),
     shell:
         shell_of("score_tuned")
+
+
+rule score_trained:
+    input:
+        unpack(inputs("score_trained")),
+    output:
+        **outputs("score_trained"),
+    params:
+        **params("score_trained"),
+    wildcard_constraints:
+        **constraints("score_trained"),
+    log:
+        log_of("score_trained"),
+    shell:
+        shell_of("score_trained")
 
 
 rule references:

@@ -49,3 +49,21 @@ rule finetune:
         log_of("finetune"),
     shell:
         shell_of("finetune")
+
+
+rule train_encoder:
+    input:
+        unpack(inputs("train_encoder")),
+    output:
+        **outputs("train_encoder"),
+    params:
+        **params("train_encoder"),
+    wildcard_constraints:
+        **constraints("train_encoder"),
+    threads: threads_of("train_encoder")
+    resources:
+        gpu=gpus("train_encoder"),
+    log:
+        log_of("train_encoder"),
+    shell:
+        shell_of("train_encoder")

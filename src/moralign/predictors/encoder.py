@@ -1,0 +1,90 @@
+"""Fine-tuned encoders (BERT, RoBERTa) trained by ``train_encoder``: the head's softmax is the distribution.
+
+``logp_choice`` = log_softmax of the head's logits, so ``coverage`` is 1: an encoder head has no other answers.
+Inputs are encoded exactly as in training (moralign.encoders: the truncation length recorded in the trained
+folder's metadata). Batches are length-sorted under ``extract.token_budget``; on CUDA the model runs in
+``extract.dtype`` (bfloat16 by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moralign import encoders
+from moralign.config import CONDITION_TRAINED, Config, ConfigError
+from moralign.errors import DataError
+from moralign.io import environment
+from moralign.predictors import CellInputs, Predictor
+
+
+class EncoderPredictor(Predictor):
+    """Scores items with a trained encoder; see the module docstring."""
+
+    def __init__(
+        self, model: encoders.EncoderModel, encoder: encoders.InputEncoder, tokenizer: Any, token_budget: int
+    ) -> None:
+        self.model, self.encoder, self.tokenizer, self.token_budget = model, encoder, tokenizer, token_budget
+        self.provenance: dict[str, Any] = {
+            "head": encoder.head,
+            "max_length": encoder.max_length,
+            "dtype": str(next(model.net.parameters()).dtype).removeprefix("torch."),
+        }
+
+    def predict(self, items: pd.DataFrame) -> pd.DataFrame:
+        """See :meth:`Predictor.predict`."""
+        units = self.encoder.encode(items)
+        logits = self.model.predict(units, self.token_budget)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return pd.DataFrame(
+            {
+                "id": list(items["id"]),
+                "logp_choice": list(logp),
+                "coverage": np.ones(len(items)),
+                "p": list(np.exp(logp)),
+                "n_prompt_tokens": [sum(len(ids) for ids, _ in u) for u in units],
+            }
+        )
+
+    def examples(self, items: pd.DataFrame) -> str:
+        """The encoded sequences, decoded with their special tokens, exactly as the model reads them."""
+        units = self.encoder.encode(items)
+        return "\n".join(
+            f"===== {i} =====\n{self.encoder.describe(u, self.tokenizer)}\n"
+            for i, u in zip(items["id"], units, strict=True)
+        )
+
+
+def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> EncoderPredictor:
+    """Load the trained encoder (``inputs.adapter_dir``) after checking it against its base model folder."""
+    from moralign.modelfiles import base_identity, fingerprint_files
+    from moralign.modeling import configure_torch, load_tokenizer, resolve_device, resolve_dtype
+
+    if condition != CONDITION_TRAINED:
+        raise ConfigError(f"{model}: an encoder model has only the condition {CONDITION_TRAINED!r}, not {condition!r}")
+    if inputs.adapter_dir is None or inputs.base_dir is None:
+        raise DataError(f"{model}: an encoder cell needs its base model (--base) and trained encoder (--adapter)")
+    meta = encoders.check_trained(inputs.adapter_dir, inputs.base_dir, dataset)
+    settings = cfg["extract"]
+    device = resolve_device(settings["device"])
+    runtime = configure_torch(settings["threads"], device)
+    dtype = resolve_dtype(settings["dtype"], device)
+    tokenizer = load_tokenizer(str(inputs.adapter_dir))
+    net = encoders.load_model(inputs.adapter_dir, dataset, device, dtype)
+    encoder = encoders.InputEncoder(tokenizer, dataset, meta["max_length"])
+    predictor = EncoderPredictor(net, encoder, tokenizer, settings["token_budget"])
+    predictor.provenance.update(
+        model=model,
+        base=base_identity(inputs.base_dir),
+        adapter=fingerprint_files(inputs.adapter_dir),
+        condition=condition,
+        dataset=dataset,
+        loss=meta["hyperparameters"]["loss"],
+        best_epoch=meta["best_epoch"],
+        runtime=runtime,
+        environment=environment(),
+    )
+    return predictor

@@ -1,0 +1,404 @@
+"""Encoder baselines: Scruples' losses, inputs and heads, the training loop, the predictor, resume, the demo rows."""
+
+import json
+import math
+import re
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from scipy import stats
+
+from moralign import encoders
+from moralign.config import ConfigError, load_config, validate
+from moralign.data import counts_matrix
+from moralign.inputs import check_predictions
+from moralign.modeling import load_tokenizer
+from moralign.scoring import score_cell
+from moralign.steps import extract, fetch_model, train_encoder
+from moralign.tinyencoders import train_texts
+from tests.conftest import ROOT, run
+
+SPEC = {"vocab_size": 600, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4}
+
+
+def demo_raw():
+    return yaml.safe_load((ROOT / "config/demo.yaml").read_text())
+
+
+def small_config(**encoder):
+    """The demo config with small tiny encoders and a quick training schedule."""
+    raw = demo_raw()
+    for name, arch, seed in (("tiny-bert", "bert", 3), ("tiny-roberta", "roberta", 4)):
+        raw["models"][name]["build"] = {"architecture": arch, "seed": seed, **SPEC}
+    raw["experiment"]["models"] = ["tiny-bert", "tiny-roberta"]
+    raw["encoder"].update({"epochs": 2, "batch_size": 16, **encoder})
+    return raw
+
+
+@pytest.fixture(scope="module")
+def bases(raw_dir, tmp_path_factory):
+    """Tiny BERT and RoBERTa base folders, built by fetch_model as the workflow does."""
+    out = tmp_path_factory.mktemp("encoders")
+    cfg = validate(small_config())
+    archives = [raw_dir / "anecdotes.tar.gz", raw_dir / "dilemmas.tar.gz"]
+    for name in ("tiny-bert", "tiny-roberta"):
+        fetch_model.run(cfg, name, archives, out / name)
+    return {"bert": out / "tiny-bert", "roberta": out / "tiny-roberta"}
+
+
+# --------------------------------------------------------------------------------------------------- losses
+
+
+def test_dirichlet_multinomial_loss_matches_scipy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 5)) * 2
+    counts = rng.integers(0, 30, size=(50, 5))
+    counts[counts.sum(1) == 0, 0] = 1
+    got = encoders.dirichlet_multinomial_nll(torch.tensor(logits), torch.tensor(counts, dtype=torch.float64)).numpy()
+    for i in range(len(counts)):
+        n = counts[i].sum()
+        logpmf = stats.dirichlet_multinomial.logpmf(counts[i], np.exp(logits[i]), n)
+        # scipy's pmf includes the multinomial coefficient N! / prod y_j!, which Scruples' loss leaves out
+        coefficient = math.lgamma(n + 1) - sum(math.lgamma(y + 1) for y in counts[i])
+        assert got[i] == pytest.approx(-(logpmf - coefficient), rel=1e-10, abs=1e-10)
+
+
+def test_losses_reproduce_scruples_check_values():
+    # allenai/scruples tests/baselines/test_loss.py (design.md §5): the model outputs log-alphas directly
+    dm = encoders.dirichlet_multinomial_nll
+    assert float(dm(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([[0.5, 0.5]], dtype=torch.float64))) == (
+        pytest.approx(0.9347116558304358, abs=1e-12)
+    )
+    logits = torch.tensor([[0.0, 0.0], [math.log(0.5), math.log(2.0)]], dtype=torch.float64)
+    votes = torch.tensor([[0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
+    assert float(dm(logits, votes).mean()) == pytest.approx(1.1093992405423625, abs=1e-12)
+    xent = encoders.soft_xentropy(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([[0.5, 0.5]]))
+    assert float(xent) == pytest.approx(0.6931471805599453, abs=1e-12)
+
+
+def test_soft_cross_entropy_by_hand():
+    logits = [[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]
+    counts = [[3, 1, 0], [0, 2, 2]]
+    got = encoders.soft_xentropy(torch.tensor(logits, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64))
+    for row, (z, y) in enumerate(zip(logits, counts, strict=True)):
+        log_norm = math.log(sum(math.exp(v) for v in z))
+        want = -sum(c / sum(y) * (v - log_norm) for v, c in zip(z, y, strict=True))
+        assert float(got[row]) == pytest.approx(want, abs=1e-12)
+    assert encoders.xentropy(np.array(logits), np.array(counts)) == pytest.approx(float(got.mean()), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def test_pair_truncation_follows_scruples():
+    assert encoders.pair_room(10, 1000, 509) == (10, 499)  # a short title whole, the text cut
+    assert encoders.pair_room(1000, 5, 509) == (504, 5)
+    assert encoders.pair_room(400, 400, 509) == (254, 254)  # both long: half each (room // 2)
+    assert encoders.pair_room(3, 4, 509) == (3, 4)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_anecdote_inputs_keep_the_beginning_and_match_the_tokenizer(arch, bases, processed):
+    tokenizer = load_tokenizer(str(bases[arch]))
+    frame = pd.read_parquet(processed["anecdotes"] / "dev.parquet").head(5)
+    units = encoders.InputEncoder(tokenizer, "anecdotes", 512).encode(frame)
+    for (unit,), (_, row) in zip(units, frame.iterrows(), strict=True):
+        ids, types = unit
+        assert ids == tokenizer(row["title"], row["text"])["input_ids"]  # no truncation: the tokenizer's own pair
+        if arch == "bert":
+            assert types == tokenizer(row["title"], row["text"], return_token_type_ids=True)["token_type_ids"]
+    long = frame.head(1).copy()
+    long["text"] = long["text"] + " " + " ".join(["everyone was upset about it"] * 200)
+    (((ids, _),),) = encoders.InputEncoder(tokenizer, "anecdotes", 64).encode(long)
+    title = tokenizer(long["title"].iloc[0], add_special_tokens=False)["input_ids"]
+    text = tokenizer(long["text"].iloc[0], add_special_tokens=False)["input_ids"]
+    specials = 3 if arch == "bert" else 4
+    kept = 64 - specials - len(title)
+    expected = tokenizer.decode(title + text[:kept])  # the title whole, then the text's beginning
+    assert len(ids) == 64 and ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == expected.replace(" ", "")
+    empty = frame.head(1).assign(text="")
+    (((ids, _),),) = encoders.InputEncoder(tokenizer, "anecdotes", 512).encode(empty)
+    assert ids == tokenizer(empty["title"].iloc[0])["input_ids"]  # the title alone, as Scruples
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_dilemma_actions_are_encoded_alone(arch, bases, processed):
+    tokenizer = load_tokenizer(str(bases[arch]))
+    frame = pd.read_parquet(processed["dilemmas"] / "dev.parquet").head(4)
+    units = encoders.InputEncoder(tokenizer, "dilemmas", 96).encode(frame)
+    for pair, (_, row) in zip(units, frame.iterrows(), strict=True):
+        assert [ids for ids, _ in pair] == [tokenizer(row[f])["input_ids"] for f in ("action1", "action2")]
+    (((ids, _), _),) = encoders.InputEncoder(tokenizer, "dilemmas", 8).encode(frame.head(1).assign(action1="a " * 50))
+    assert len(ids) == 8 and ids[-1] == tokenizer.sep_token_id
+
+
+def test_tiny_tokenizers_learn_from_the_train_split_only(raw_dir):
+    texts = list(train_texts([raw_dir / "anecdotes.tar.gz", raw_dir / "dilemmas.tar.gz"]))
+    assert len(texts) == 2 * 160 + 2 * 160  # title + text per anecdote, two actions per dilemma, train only
+
+
+# ------------------------------------------------------------------------------------------------------ heads
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_dilemma_head_scores_actions_independently(arch, bases, processed):
+    torch.manual_seed(0)
+    model = encoders.load_model(bases[arch], "dilemmas", torch.device("cpu"))
+    tokenizer = load_tokenizer(str(bases[arch]))
+    frame = pd.read_parquet(processed["dilemmas"] / "dev.parquet")
+    swapped = frame.assign(action1=frame["action2"], action2=frame["action1"])
+    encoder = encoders.InputEncoder(tokenizer, "dilemmas", 96)
+    logits = model.predict(encoder.encode(frame), token_budget=256)
+    logits_swapped = model.predict(encoder.encode(swapped), token_budget=256)
+    assert np.array_equal(logits, logits_swapped[:, ::-1])  # exactly: each action is scored on its own
+    assert not np.allclose(logits[:, 0], logits[:, 1])
+    # the items' order does not matter either, nor the batch size
+    reordered = model.predict(encoder.encode(frame.iloc[::-1]), token_budget=10_000)[::-1]
+    np.testing.assert_allclose(reordered, logits, rtol=0, atol=1e-5)
+
+
+def test_anecdote_heads_have_one_logit_per_choice(bases, processed):
+    tokenizer = load_tokenizer(str(bases["bert"]))
+    for dataset, k in (("anecdotes", 2), ("anecdotes-5way", 5)):
+        model = encoders.load_model(bases["bert"], dataset, torch.device("cpu"))
+        frame = pd.read_parquet(processed[dataset] / "dev.parquet").head(7)
+        logits = model.predict(encoders.InputEncoder(tokenizer, dataset, 512).encode(frame), token_budget=512)
+        assert logits.shape == (7, k) and np.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+def test_batches_are_length_sorted_pools_and_fit_the_budget():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(5, 500, size=1000).tolist()
+    batches = encoders.epoch_batches(lengths, 16, seed=0, epoch=3)
+    assert sorted(i for b in batches for i in b) == list(range(1000)) and len(batches) == math.ceil(1000 / 16)
+    assert batches == encoders.epoch_batches(lengths, 16, seed=0, epoch=3)  # a function of (seed, epoch) only
+    assert batches != encoders.epoch_batches(lengths, 16, seed=0, epoch=4)
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    assert spread < 0.2 * (max(lengths) - min(lengths))  # little padding inside a batch
+    widths = [2] * 1000
+    for group in encoders.pack(lengths, widths, 2000):
+        longest = max(lengths[i] for i in group)
+        assert len(group) == 1 or 2 * len(group) * longest <= 2000
+
+
+def test_no_weight_decay_on_biases_and_layer_norms(bases):
+    model = encoders.load_model(bases["roberta"], "anecdotes", torch.device("cpu"))
+    exempt, decayed = encoders.parameter_groups(model.net, 0.01)
+    names = {id(p): n for n, p in model.net.named_parameters()}
+    assert exempt["weight_decay"] == 0 and decayed["weight_decay"] == 0.01
+    assert all(names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] for p in exempt["params"])
+    assert any("LayerNorm.weight" in names[id(p)] for p in exempt["params"])
+    assert all("LayerNorm" not in names[id(p)] and not names[id(p)].endswith("bias") for p in decayed["params"])
+    assert len(exempt["params"]) + len(decayed["params"]) == len(names)
+
+
+def test_linear_warmup_then_decay():
+    factor = encoders.linear_schedule(10, 110)
+    assert [factor(s) for s in (0, 5, 10, 60, 110, 120)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("loss", encoders.LOSSES)
+def test_a_step_does_not_depend_on_the_micro_batches(loss, bases, processed, tmp_path):
+    """Gradient accumulation under a token budget gives the gradient of the whole batch."""
+    tokenizer = load_tokenizer(str(bases["bert"]))
+    frame = pd.read_parquet(processed["dilemmas"] / "train.parquet").head(24)
+    split = encoders.Split(encoders.InputEncoder(tokenizer, "dilemmas", 96).encode(frame), counts_matrix(frame))
+    settings = {"loss": loss, "learning_rate": 1.0, "weight_decay": 0.0, "warmup_proportion": 0.0}
+    weights = []
+    for budget in (64, 100_000):
+        torch.manual_seed(0)
+        model = encoders.load_model(bases["bert"], "dilemmas", torch.device("cpu"))
+        model.net.eval()  # no dropout: the two runs differ only in how the batch is split
+        trainer = encoders.Trainer(model, {**settings, "token_budget": budget}, tmp_path, "test")
+        # plain SGD with lr 1: the update is the gradient itself (AdamW would amplify float noise in the gradient
+        # of the choice head's bias, which is exactly 0 in theory: a softmax ignores a shift of both scores)
+        trainer.optimizer = torch.optim.SGD(model.net.parameters(), lr=1.0)
+        trainer.schedule(10)
+        trainer.step(split, list(range(24)))
+        weights.append(torch.cat([p.detach().flatten() for p in model.net.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-6)
+
+
+def test_configs_of_encoder_models():
+    raw = demo_raw()
+    cfg = validate(raw)
+    assert cfg.conditions_of("tiny-bert") == ["trained"] and cfg.conditions_of("tiny-llama")[0] == "base"
+    paper = load_config(ROOT / "params.yaml")
+    assert paper.backend("roberta-large") == "encoder" and paper.conditions_of("roberta-large") == ["trained"]
+    bad = yaml.safe_load(yaml.safe_dump(raw))
+    bad["models"]["tiny-bert"]["chat_template"] = True
+    with pytest.raises(ConfigError, match="chat_template: false"):
+        validate(bad)
+    bad = yaml.safe_load(yaml.safe_dump(raw))
+    bad["models"]["tiny-bert"]["backend"] = "hf"
+    with pytest.raises(ConfigError, match="'bert', which needs backend: encoder"):
+        validate(bad)
+    bad = yaml.safe_load(yaml.safe_dump(raw))
+    bad["recipes"]["trained"] = {"objective": "soft"}
+    bad["experiment"]["recipes"] = ["trained"]
+    with pytest.raises(ConfigError, match="condition of its own"):
+        validate(bad)
+    bad = yaml.safe_load(yaml.safe_dump(raw))
+    bad["encoder"]["loss"] = "hinge"
+    with pytest.raises(ConfigError, match=r"encoder\.loss"):
+        validate(bad)
+
+
+@pytest.mark.parametrize(("arch", "dataset"), [("bert", "anecdotes"), ("roberta", "dilemmas")])
+def test_train_then_extract_then_score(arch, dataset, bases, processed, tmp_path):
+    """The step trains (seconds), the extract step writes the usual predictions, score reads them unchanged."""
+    raw = small_config()
+    cfg = validate(raw)
+    model = f"tiny-{arch}"
+    data = processed[dataset]
+    out = tmp_path / "encoder"
+    train_encoder.run(cfg.restrict(["encoder", f"models.{model}"]), model, dataset, data, bases[arch], out)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["best_epoch"] in (1, 2) and len(meta["history"]) == 2 and meta["resumed_from"] is None
+    assert meta["head"] == ("choice" if dataset == "dilemmas" else "sequence")
+    assert not out.with_name("encoder.checkpoints").exists()
+    pred = tmp_path / "pred"
+    extract.run(cfg.restrict(["extract", f"models.{model}"]), model, dataset, "trained", data, pred, bases[arch], out)
+    check_predictions(pred, data, dataset, ["dev", "test"], model=model, condition="trained")
+    frame = pd.read_parquet(pred / "test.parquet")
+    assert (frame["coverage"] == 1).all()
+    p = np.stack(frame["p"].to_numpy())
+    np.testing.assert_allclose(np.exp(np.stack(frame["logp_choice"].to_numpy())), p, rtol=1e-12)
+    summary = json.loads((pred / "summary.json").read_text())
+    assert summary["provenance"]["base"]["built"]["architecture"] == arch
+    assert summary["provenance"]["condition"] == "trained"
+    dev_logp = np.log(np.stack(pd.read_parquet(pred / "dev.parquet")["p"].to_numpy()))
+    dev_counts = counts_matrix(pd.read_parquet(data / "dev.parquet"))
+    assert encoders.xentropy(dev_logp, dev_counts) == pytest.approx(meta["best_dev_xentropy"], abs=1e-5)
+    result, _ = score_cell(pred, data, "test", cfg["score"])
+    assert result["metrics"]["coverage"]["value"] == 1.0
+
+
+def test_trained_folder_is_checked_against_its_base(bases, processed, tmp_path):
+    from moralign.errors import DataError
+
+    cfg = validate(small_config(epochs=1))
+    out = tmp_path / "bert"
+    train_encoder.run(cfg, "tiny-bert", "dilemmas", processed["dilemmas"], bases["bert"], out)
+    with pytest.raises(DataError, match="pass the base model it was trained from"):
+        encoders.check_trained(out, bases["roberta"], "dilemmas")
+    with pytest.raises(DataError, match="trained on 'dilemmas', not 'anecdotes'"):
+        encoders.check_trained(out, bases["bert"], "anecdotes")
+
+
+def test_encoder_benchmark_runs_on_cpu():
+    out = run(["python", "gpu_encoder.py", "--tiny", "--steps", "2", "--items", "24"], ROOT / "benchmarks").stdout
+    assert re.search(r"training tokens/s [\d,]+", out), out
+    assert len(re.findall(r"inference items/s [\d,.]+", out)) == 2, out
+
+
+def test_figures_place_a_trained_only_model_beside_the_chat_models(tmp_path, monkeypatch):
+    from moralign import figures
+
+    rows = [("lm", "base", 0.7), ("lm", "soft", 0.5), ("enc", "trained", 0.4), ("uniform", "reference", 0.69)]
+    long = pd.DataFrame(
+        [
+            {
+                "dataset": "d",
+                "kind": "reference" if c == "reference" else "model",
+                "model": m,
+                "condition": c,
+                "metric": "xentropy",
+                "value": v,
+                "low": v,
+                "high": v,
+            }
+            for m, c, v in rows
+        ]
+    )
+    seen = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, stem: seen.setdefault("fig", []).append(fig) or [])
+    figures.bar_figure(long, "d", "xentropy", tmp_path / "bars")
+    ax = seen["fig"][0].axes[0]
+    bars = [c for c in ax.containers if hasattr(c, "patches")]
+    centres = {c.get_label(): [p.get_x() + p.get_width() / 2 for p in c.patches] for c in bars}
+    assert centres["trained"][0] == pytest.approx(0.0)  # "enc" (tick 0): its one bar on its tick
+    assert centres["base"][1] < 1.0 < centres["soft"][1]  # "lm" (tick 1): two bars around it
+    cells = {k: (np.full((3, 2), 0.5), np.full((3, 2), 0.5), np.ones(3)) for k in ("enc / trained", "lm / base")}
+    figures.scatter_figure(cells, "A", "d", tmp_path / "scatter", ["base", "votes", "trained"])
+    titles = [ax.get_title() for ax in seen["fig"][1].axes[:2]]
+    assert titles == ["base", "trained"]  # the run's order; a condition without cells is left out
+
+
+# ----------------------------------------------------------------------------------------------------- resume
+
+
+def script(*args):
+    return [sys.executable, str(ROOT / "workflow/scripts/train_encoder.py"), *map(str, args)]
+
+
+@pytest.mark.slow
+def test_training_resumes_after_sigkill_with_the_same_predictions(raw_dir, processed, tmp_path):
+    from tests.test_resume import kill_when
+
+    raw = small_config(epochs=2, batch_size=8, checkpoint_steps=3)
+    # big enough that a step takes a while, so the job can be killed in the middle of its second epoch
+    raw["models"]["tiny-roberta"]["build"].update(hidden_size=128, intermediate_size=256, num_layers=2)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    cfg = validate(raw)
+    base = tmp_path / "base"
+    fetch_model.run(cfg, "tiny-roberta", [raw_dir / "anecdotes.tar.gz", raw_dir / "dilemmas.tar.gz"], base)
+    data = processed["anecdotes"]
+
+    def train(out, log):
+        args = ["--config", config, "--model", "tiny-roberta", "--dataset", "anecdotes", "--data-dir", data]
+        return script(*args, "--base", base, "--out", out, "--log", log)
+
+    run(train(tmp_path / "whole", tmp_path / "whole.log"), tmp_path)
+    checkpoint = tmp_path / "killed.checkpoints" / "last.pt"
+
+    def mid_second_epoch():
+        if not checkpoint.exists():
+            return None
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        except Exception:  # being replaced this very moment
+            return None
+        return state if state["epoch"] == 1 and state["batch"] > 0 else None
+
+    seen = kill_when(train(tmp_path / "killed", tmp_path / "killed.log"), tmp_path, mid_second_epoch, "killed.log")
+    assert not (tmp_path / "killed").exists()
+    run(train(tmp_path / "killed", tmp_path / "resumed.log"), tmp_path)
+    assert "resuming from the checkpoint taken after 1 epoch(s)" in (tmp_path / "resumed.log").read_text()
+    whole = json.loads((tmp_path / "whole" / "metadata.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "metadata.json").read_text())
+    assert resumed["resumed_from"]["epoch"] == 1 and resumed["resumed_from"]["batch"] >= seen["batch"]
+    assert [h["dev_xentropy"] for h in resumed["history"]] == [h["dev_xentropy"] for h in whole["history"]]
+    for name in ("whole", "killed"):
+        extract.run(cfg, "tiny-roberta", "anecdotes", "trained", data, tmp_path / f"pred-{name}", base, tmp_path / name)
+    for split in ("dev", "test"):
+        a = pd.read_parquet(tmp_path / "pred-whole" / f"{split}.parquet")
+        b = pd.read_parquet(tmp_path / "pred-killed" / f"{split}.parquet")
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+# ------------------------------------------------------------------------------------------------------- demo
+
+
+@pytest.mark.slow
+def test_demo_encoders_learn_the_planted_signal(demo_run):
+    """Both tiny encoders beat the train prior's test xentropy on both datasets, beside the chat models."""
+    table = pd.read_csv(demo_run / "reports/demo/results.csv")
+    xent = table[table["metric"] == "xentropy"]
+    for dataset in ("anecdotes", "dilemmas"):
+        rows = xent[xent["dataset"] == dataset].set_index(["model", "condition"])["value"]
+        for model in ("tiny-bert", "tiny-roberta"):
+            assert rows[model, "trained"] < rows["train_prior", "reference"], (dataset, model, rows.to_dict())
+            assert (model, "base") not in rows.index
+        assert ("tiny-llama", "soft") in rows.index  # the same table
+    md = (demo_run / "reports/demo/results.md").read_text()
+    assert "| tiny-bert | trained |" in md and "| tiny-roberta | trained |" in md
