@@ -142,6 +142,24 @@ def test_tiny_tokenizers_learn_from_the_train_split_only(raw_dir):
     assert len(texts) == 2 * 160 + 2 * 160  # title + text per anecdote, two actions per dilemma, train only
 
 
+def test_tiny_tokenizers_are_the_same_in_every_process(raw_dir):
+    """A rebuilt tiny encoder must be the same model: its tokenizer may not depend on hash order (see
+    moralign.tinyencoders.wordpiece_vocab), so two fresh interpreters build identical tokenizers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from moralign.tinyencoders import train_texts, train_tokenizer; "
+        f"texts = list(train_texts([{str(raw_dir / 'anecdotes.tar.gz')!r}, {str(raw_dir / 'dilemmas.tar.gz')!r}])); "
+        "print('|'.join(train_tokenizer(texts, a, 600).backend_tokenizer.to_str() for a in ('bert', 'roberta')))"
+    )
+    builds = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
+    assert builds[0] == builds[1] and len(builds[0]) > 1000
+
+
 # ------------------------------------------------------------------------------------------------------ heads
 
 

@@ -826,12 +826,19 @@ def test_a_config_error_is_one_line_too(tmp_path):
     assert proc.returncode == 1 and len(lines) == 1 and "extrac" in lines[0] and "Traceback" not in proc.stderr, lines
 
 
-def test_adapter_identity_is_its_weights_and_config_not_its_training_log(tmp_path):
-    from moralign.modelfiles import adapter_identity
+def test_trained_identity_is_its_weights_and_config_not_its_training_log(tmp_path):
+    from moralign.modelfiles import canonicalize_adapter_config, trained_identity
 
     folder = _adapter(tmp_path / "a", weights="a" * 40)
-    first = adapter_identity(folder)
+    first = trained_identity(folder)
     (folder / "metadata.json").write_text(json.dumps({"wall_seconds": 12.5}))  # another run's timings
-    assert adapter_identity(folder) == first
-    (folder / "adapter_config.json").write_text(json.dumps({"r": 9}))
-    assert adapter_identity(folder) != first
+    assert trained_identity(folder) == first
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["v_proj", "q_proj"]}))
+    changed = trained_identity(folder)
+    assert changed != first
+    # peft writes target_modules in a set's order, which differs between processes: one canonical order
+    canonicalize_adapter_config(folder)
+    again = trained_identity(folder)
+    (folder / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj", "v_proj"], "r": 8}))
+    canonicalize_adapter_config(folder)
+    assert trained_identity(folder) == again

@@ -192,13 +192,36 @@ def check_adapter(adapter_dir: str | Path, base_dir: str | Path) -> None:
     )
 
 
-def adapter_identity(adapter_dir: str | Path) -> str:
-    """Fingerprint of an adapter: its weights and configuration only.
+# Written by a training step next to the weights it trained: hyperparameters, logs and timings.
+TRAINING_LOG = "metadata.json"
+# peft writes these adapter_config.json entries in the order of a Python set, which changes from process to
+# process (hash randomisation): the same adapter would not be the same bytes.
+_SET_VALUED = ("target_modules", "exclude_modules")
+
+
+def canonicalize_adapter_config(adapter_dir: str | Path) -> None:
+    """Rewrite an adapter's ``adapter_config.json`` with its set-valued entries sorted (same adapter, same bytes)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key in _SET_VALUED:
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def trained_identity(folder: str | Path) -> str:
+    """Fingerprint of trained weights (an adapter or a trained encoder): its weights and configuration files only.
 
     Not its ``metadata.json``, which logs training times: two runs that train the same weights must give
     predictions with the same provenance, byte for byte.
     """
-    return fingerprint_files(adapter_dir, ("*.safetensors", "adapter_config.json"))
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".json") and p.name != TRAINING_LOG)
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def fingerprint_files(folder: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "*.json")) -> str:

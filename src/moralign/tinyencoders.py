@@ -53,11 +53,10 @@ def train_tokenizer(texts: Iterable[str], architecture: str, vocab_size: int) ->
     names = _SPECIALS[architecture]
     specials = list(names.values())
     if architecture == "bert":
-        tok = Tokenizer(models.WordPiece(unk_token=names["unk"]))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+        normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        vocab = wordpiece_vocab(texts, normalizer, pre_tokenizer, specials, vocab_size)
+        tok = Tokenizer(models.WordPiece(vocab, unk_token=names["unk"]))
+        tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     else:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -68,7 +67,7 @@ def train_tokenizer(texts: Iterable[str], architecture: str, vocab_size: int) ->
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-    tok.train_from_iterator(texts, trainer=trainer)
+        tok.train_from_iterator(texts, trainer=trainer)
     cls, sep = (names["cls"], tok.token_to_id(names["cls"])), (names["sep"], tok.token_to_id(names["sep"]))
     if architecture == "bert":
         tok.post_processor = processors.TemplateProcessing(
@@ -79,6 +78,31 @@ def train_tokenizer(texts: Iterable[str], architecture: str, vocab_size: int) ->
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, **{f"{role}_token": token for role, token in names.items()}, model_max_length=512
     )
+
+
+def wordpiece_vocab(
+    texts: Iterable[str], normalizer: Any, pre_tokenizer: Any, specials: list[str], vocab_size: int
+) -> dict[str, int]:
+    """A WordPiece vocabulary built deterministically.
+
+    Specials, every character (alone and as a ``##`` suffix), then the most frequent words (ties by spelling) up
+    to ``vocab_size``. Not the tokenizers library's WordPieceTrainer: it breaks ties between equally frequent
+    merges in a hash order that changes from process to process, so the same sample gave a different vocabulary
+    (and different numbers) on every build. WordPiece's greedy longest-match encoding works with any vocabulary.
+    """
+    from collections import Counter
+
+    counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    )
+    chars = sorted({c for word in counts for c in word})
+    tokens = list(dict.fromkeys([*specials, *chars, *(f"##{c}" for c in chars)]))
+    for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(tokens) >= vocab_size:
+            break
+        if len(word) > 1:
+            tokens.append(word)
+    return {token: i for i, token in enumerate(tokens)}
 
 
 def build_tiny_encoder(spec: dict[str, Any], archives: Iterable[str | Path], out_dir: str | Path) -> None:

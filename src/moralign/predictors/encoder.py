@@ -60,7 +60,7 @@ class EncoderPredictor(Predictor):
 
 def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> EncoderPredictor:
     """Load the trained encoder (``inputs.adapter_dir``) after checking it against its base model folder."""
-    from moralign.modelfiles import base_identity, fingerprint_files
+    from moralign.modelfiles import base_identity, trained_identity
     from moralign.modeling import configure_torch, load_tokenizer, resolve_device, resolve_dtype
 
     if condition != CONDITION_TRAINED:
@@ -79,7 +79,7 @@ def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInp
     predictor.provenance.update(
         model=model,
         base=base_identity(inputs.base_dir),
-        adapter=fingerprint_files(inputs.adapter_dir),
+        adapter=trained_identity(inputs.adapter_dir),
         condition=condition,
         dataset=dataset,
         loss=meta["hyperparameters"]["loss"],

@@ -80,7 +80,7 @@ class HFPredictor(Predictor):
 
 def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> HFPredictor:
     """Load the cell's base model (and adapter) from the folders fetch_model and finetune wrote."""
-    from moralign.modelfiles import adapter_identity, base_identity, check_adapter, check_model_folder
+    from moralign.modelfiles import base_identity, check_adapter, check_model_folder, trained_identity
     from moralign.modeling import configure_torch, load_model, load_tokenizer, resolve_device, resolve_dtype
 
     settings = cfg["extract"]
@@ -97,7 +97,7 @@ def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInp
     predictor.provenance.update(
         model=model,
         base=base_identity(inputs.base_dir),
-        adapter=adapter_identity(inputs.adapter_dir) if inputs.adapter_dir else None,
+        adapter=trained_identity(inputs.adapter_dir) if inputs.adapter_dir else None,
         condition=condition,
         dataset=dataset,
         runtime=runtime,

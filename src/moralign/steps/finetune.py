@@ -14,7 +14,7 @@ from moralign import training
 from moralign.config import Config, digest
 from moralign.data import counts_matrix
 from moralign.io import atomic_dir, environment, read_json, write_json
-from moralign.modelfiles import base_identity, check_model_folder
+from moralign.modelfiles import base_identity, canonicalize_adapter_config, check_model_folder
 from moralign.prompts import EncodedPrompt, PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
     }
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp)
+        canonicalize_adapter_config(tmp)
         write_json(tmp / "metadata.json", meta)
     log.info(
         "%s: best dev xentropy %.4f after %d steps (%.1f s)",
