@@ -25,6 +25,7 @@ memory is torch's max allocated.
 """
 
 import argparse
+import gc
 import sys
 import tempfile
 import time
@@ -110,10 +111,7 @@ def run(variant: str, recipe: str, kind: str, args, device: torch.device) -> Non
         f"checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, micro-batch {plan['token_budget']} tokens",
         flush=True,
     )
-    del trainer, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    clock.trainer = None  # the trainer holds the clock among its callbacks: break the cycle
 
 
 class StepClock(TrainerCallback):
@@ -197,6 +195,10 @@ def main() -> None:
         for kind in args.kinds:
             for recipe in args.recipes:
                 run(variant, recipe, kind, args, device)
+                gc.collect()  # the previous model must be gone before the next one is built and measured
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
     sys.stdout.flush()
 
 
