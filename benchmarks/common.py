@@ -40,6 +40,20 @@ def random_llama(shape: dict, device: torch.device, dtype: torch.dtype, seed: in
     return model.eval()
 
 
+def stub_tokenizer():
+    """A word-level tokenizer with pad and EOS only: the trainer needs one; benchmark rows are token ids already."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+
+
 def non_embedding_params(model) -> int:
     """Parameters that cost FLOPs per token (everything but the input embedding)."""
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)

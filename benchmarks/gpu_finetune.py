@@ -1,83 +1,137 @@
-"""Fine-tuning throughput at paper scale: the exact Llama-3.1-8B shape, random weights, anecdote-length rows.
+"""Fine-tuning throughput of the project's own training path, at the Llama-3.1-8B shape with random weights.
 
 On a GPU (the figures to report; QLoRA needs bitsandbytes, the `gpu` extra):
     python benchmarks/gpu_finetune.py
 On a CPU, a small shape and plain LoRA (what the tests run):
-    python benchmarks/gpu_finetune.py --tiny --steps 3
+    python benchmarks/gpu_finetune.py --tiny --steps 2
 
-Runs the `soft` objective's training step (forward, loss over the answer tokens, backward, AdamW on the LoRA
-weights) with gradient checkpointing, for QLoRA (4-bit NF4 base, bf16 compute) and for bf16 LoRA. Prints
-tokens/s, MFU and peak GPU memory. MFU counts 6·N FLOPs per token (forward 2N, backward 4N: activation
-gradients flow through the frozen base even though its weights get none), the usual convention.
+What runs is what `finetune` runs: params.yaml's `finetune` settings, `moralign.training.wrap_lora` (QLoRA: NF4
+base after `prepare_model_for_kbit_training`), `memory_plan` (gradient checkpointing only when a micro-batch's
+activations do not fit), `build_trainer` (the trl SFTTrainer subclass: `batch_size` items per optimiser step in
+length-sorted micro-batches under `token_budget`, a prompt prefix shared by a micro-batch computed once, the
+`soft` or one-pass `votes` loss at the answer position) and `trainer.train()`. Rows are random tokens with the
+lengths of the paper's prompts: anecdotes (lognormal, median 420 tokens, capped at `max_length`) and dilemmas
+(median 105), each opening with the same 50-token chat header as the real templates do (Llama 3.1's system turn
+with its date lines and the system text). Steps are timed from the end of the warm-up steps to the end of the
+last one by a Trainer callback (dev evaluation and checkpoints come after it).
+
+Printed per variant: optimiser steps/s; prompt tokens/s (the tokens of the training prompts, what sets the
+wall time of a run); MFU = 6·N·(tokens the model computed: the shared prefix once per micro-batch) / time / peak,
+N = 7.50e9 (every weight matrix but the input embedding; the head runs on one position per row, so this
+overstates the work by 7 %), the convention the figures in shared/device.md use. Backward through a frozen
+base computes activation gradients but no weight gradients (~4·N per token of real work), and recomputation
+under gradient checkpointing (~2·N more) is NOT counted: MFU counts model FLOPs, not hardware FLOPs. Peak GPU
+memory is torch's max allocated.
 """
 
 import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from common import LLAMA_31_8B, TINY, Timer, peak_flops, random_llama
+from common import LLAMA_31_8B, TINY, peak_flops, random_llama, stub_tokenizer
+from transformers import TrainerCallback
 
-from moralign.extraction import AnswerTokens, pad_batch
-from moralign.training import choice_index, choice_logprobs, wrap_lora
+from moralign import training
+from moralign.config import load_config
+from moralign.extraction import AnswerTokens
+
+ROOT = Path(__file__).resolve().parents[1]
+# Prompt lengths in tokens with the chat template: anecdotes as in gpu_extract.py, dilemmas two short actions
+LENGTHS = {"anecdotes": (420, 0.45), "dilemmas": (105, 0.15)}
+SHARED_HEADER = 50  # tokens every prompt of a run starts with (chat markup, date lines, system text)
+ANSWERS = AnswerTokens(("Yes", "No"), ((9,), (11,)), (("Yes",), ("No",)))
 
 
-def run(variant: str, args, device: torch.device) -> None:
+def synthetic_rows(recipe: str, kind: str, n: int, vocab: int, max_length: int, scale: int, seed: int = 0):
+    """``n`` training rows of ``recipe`` with the length distribution of ``kind`` (divided by ``scale``)."""
+    rng = np.random.default_rng(seed)
+    median, sigma = LENGTHS[kind]
+    lengths = np.clip(rng.lognormal(np.log(median), sigma, size=n).astype(int), 64, max_length) // scale
+    header = rng.integers(20, vocab, size=SHARED_HEADER // scale).tolist()
+    prompts = [header + rng.integers(20, vocab, size=int(k) - len(header)).tolist() for k in lengths]
+    shares = rng.dirichlet([1.0, 1.0], size=n)
+    if recipe == "soft":
+        return training.soft_rows(prompts, shares)
+    first = np.round(shares[:, :1] * 8) / 8  # the shares of 8 sampled answers
+    return training.vote_rows(prompts, np.hstack([first, 1 - first]), [[9, 11]] * n)
+
+
+def run(variant: str, recipe: str, kind: str, args, device: torch.device) -> None:
     shape = TINY if args.tiny else LLAMA_31_8B
+    quantized = variant == "qlora"
+    cfg = load_config([ROOT / "params.yaml"])
+    settings = {
+        **cfg.finetune(recipe),
+        "quantization": "4bit" if quantized else "none",
+        "max_steps": args.warmup + args.steps,
+        "eval_steps": 10**6,  # one dev evaluation, after the last (timed) step
+    }
+    if args.tiny:
+        settings.update(batch_size=args.batch_size or 4, token_budget=1024)
+    elif args.batch_size:
+        settings["batch_size"] = args.batch_size
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     model = random_llama(shape, device, dtype)
-    quantized = variant == "qlora"
     if quantized:
         model = quantize_nf4(model, device)
-    settings = {
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.05,
-        "target_modules": "all-linear",
-        "modules_to_save": [],
-        "gradient_checkpointing": device.type == "cuda",
-    }
-    model = wrap_lora(model, settings, quantized)
-    if device.type == "cuda":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    answers = AnswerTokens(("Yes", "No"), ((9,), (11,)), (("Yes",), ("No",)))
-    index, valid = choice_index(answers, device)
-    rng = np.random.default_rng(0)
-    length = args.length // (4 if args.tiny else 1)
-    batches = [
-        pad_batch([rng.integers(10, shape["vocab_size"], size=length).tolist() for _ in range(args.batch_size)], 0)
-        for _ in range(args.steps + 1)
-    ]
-    target = torch.tensor([[0.7, 0.3]] * args.batch_size, device=device)
-
-    def step(batch):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch, logits_to_keep=1, use_cache=False)
-        loss = -(target * choice_logprobs(out.logits[:, -1], index, valid)).sum(-1).mean()
-        loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        return loss
-
-    step(batches[0])  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with Timer(device) as t:
-        for batch in batches[1:]:
-            step(batch)
-    tokens = args.steps * args.batch_size * length
-    n = non_embedding_params_from_shape(shape)
-    flops = 6 * n * tokens
+    plan = training.plan_for(model, settings, device)
+    settings.update(gradient_checkpointing=plan["gradient_checkpointing"], token_budget=plan["token_budget"])
+    model = training.wrap_lora(model, settings, quantized)
+    n_rows = settings["batch_size"] * (args.warmup + args.steps)
+    scale = 4 if args.tiny else 1
+    rows = synthetic_rows(recipe, kind, n_rows, shape["vocab_size"], settings["max_length"], scale)
+    dev = ([r["input_ids"] for r in rows[:8]], np.full((8, 2), 0.5))
+    clock = StepClock(device, args.warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = training.build_trainer(
+            recipe, model, stub_tokenizer(), rows, dev, ANSWERS, settings, Path(tmp), device
+        )
+        trainer.add_callback(clock)
+        clock.trainer = trainer
+        trainer.train()
+    seconds = clock.seconds
+    prompt = clock.tokens["prompt"]
+    computed = clock.tokens["computed"]
     peak = peak_flops(device)
+    n = non_embedding_params_from_shape(shape)
+    mfu = f"MFU {6 * n * computed / seconds / peak:.1%}" if peak else "MFU n/a (no GPU peak)"
     mem = (
         f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
     )
-    mfu = f"MFU {flops / t.seconds / peak:.1%}" if peak else "MFU n/a (no GPU peak)"
     print(
-        f"{variant:>9}: {args.steps} steps x {args.batch_size} x {length} tokens in {t.seconds:.2f} s; "
-        f"tokens/s {tokens / t.seconds:,.0f}; {flops / t.seconds / 1e12:.1f} TFLOP/s; {mfu}{mem}"
+        f"{variant:>9} {recipe:>5} {kind:>9}: {args.steps} steps x {settings['batch_size']} items "
+        f"({prompt / args.steps / settings['batch_size']:.0f} tokens/item) in {seconds:.2f} s; "
+        f"{args.steps / seconds:.2f} steps/s; prompt tokens/s {prompt / seconds:,.0f}; "
+        f"computed {computed / prompt:.0%} of them, padded {clock.tokens['padded'] / computed:.2f}x; {mfu}{mem}; "
+        f"checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, micro-batch {plan['token_budget']} tokens",
+        flush=True,
     )
+    clock.trainer = None  # the trainer holds the clock among its callbacks: break the cycle
+
+
+class StepClock(TrainerCallback):
+    """Times the optimiser steps after ``warmup`` of them, with the trainer's token counts."""
+
+    def __init__(self, device: torch.device, warmup: int) -> None:
+        self.device, self.warmup, self.trainer = device, warmup, None
+        self.t0 = self.seconds = 0.0
+        self.start_tokens: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if state.global_step == self.warmup:
+            self.t0, self.start_tokens = now, dict(self.trainer.tokens)
+        elif state.global_step > self.warmup:
+            self.seconds = now - self.t0
+            self.tokens = {k: v - self.start_tokens[k] for k, v in self.trainer.tokens.items()}
 
 
 def quantize_nf4(model, device: torch.device):
@@ -104,6 +158,7 @@ def quantize_nf4(model, device: torch.device):
             )
             model.set_submodule(name, layer.to(device))
             del module
+    model.is_loaded_in_4bit = True  # what from_pretrained sets; peft's k-bit preparation checks it
     torch.cuda.empty_cache()
     return model
 
@@ -119,20 +174,32 @@ def non_embedding_params_from_shape(shape: dict) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="small shape on CPU, plain LoRA only")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--length", type=int, default=512, help="tokens per row (anecdote-length prompts)")
+    p.add_argument("--steps", type=int, default=8, help="timed optimiser steps")
+    p.add_argument("--warmup", type=int, default=2, help="optimiser steps before the timing starts")
+    p.add_argument("--batch-size", type=int, help="items per optimiser step (default: params.yaml's)")
+    p.add_argument("--recipes", nargs="+", default=["soft", "votes"], choices=["soft", "votes"])
+    p.add_argument("--kinds", nargs="+", default=["anecdotes", "dilemmas"], choices=list(LENGTHS))
+    p.add_argument("--variants", nargs="+", default=["qlora", "lora-bf16"], choices=["qlora", "lora-bf16"])
     args = p.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; shape: {'tiny' if args.tiny else 'Llama-3.1-8B'}")
-    variants = ["lora"] if device.type == "cpu" else ["qlora", "lora-bf16"]
     if device.type == "cpu":
-        print("     qlora: skipped (4-bit NF4 needs CUDA and bitsandbytes)")
+        torch.set_num_threads(1)  # tiny shapes: more threads only contend (and the tests run jobs side by side)
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}; shape: {'tiny' if args.tiny else 'Llama-3.1-8B'}", flush=True)
+    variants = args.variants
+    if device.type == "cpu":
+        print("    qlora: skipped (4-bit NF4 needs CUDA and bitsandbytes)")
+        variants = ["lora"]
     for variant in variants:
-        run(variant, args, device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for kind in args.kinds:
+            for recipe in args.recipes:
+                run(variant, recipe, kind, args, device)
+                gc.collect()  # the previous model must be gone before the next one is built and measured
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,23 @@ def test_gpu_extract_benchmark_runs_on_cpu():
     assert re.search(r"tokens/s: [\d,]+", out) and "MFU: n/a" in out
 
 
-def test_gpu_finetune_benchmark_runs_on_cpu():
-    out = run(["python", "gpu_finetune.py", "--tiny", "--steps", "2", "--batch-size", "2"], ROOT / "benchmarks").stdout
-    assert re.search(r"lora: 2 steps .* tokens/s [\d,]+", out) and "qlora: skipped" in out
+def test_gpu_finetune_benchmark_runs_the_training_path_on_cpu():
+    """The project's trainer, collator and losses (both recipes) at anecdote- and dilemma-length rows."""
+    cmd = ["python", "gpu_finetune.py", "--tiny", "--steps", "2", "--warmup", "1"]
+    out = run(cmd, ROOT / "benchmarks").stdout
+    assert "qlora: skipped" in out
+    for kind in ("anecdotes", "dilemmas"):
+        for recipe in ("soft", "votes"):
+            line = re.search(rf"lora +{recipe} +{kind}: 2 steps x 4 items .*", out)
+            assert line and re.search(r"prompt tokens/s [\d,]+", line[0]) and "MFU n/a" in line[0], out
+            assert "checkpointing off" in line[0]
+
+
+def test_grid_cost_table_is_the_readme_table():
+    """README "What the paper grid costs" shows what benchmarks/grid_cost.py computes, and the grid fits 6 h."""
+    table = run(["python", "grid_cost.py"], ROOT / "benchmarks").stdout.strip()
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- grid-cost:start -->")[1].split("<!-- grid-cost:end -->")[0].strip()
+    assert block == table
+    old, new = (float(x) for x in re.search(r"\*\*total\*\* .*\*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\*", table).groups())
+    assert new <= 6 < old

@@ -315,10 +315,19 @@ def test_votes_target_is_the_token_the_model_would_produce(real, processed, data
     prompts = training.encode_items(builder, tok, frame, None)
     counts = np.tile([3, 2], (len(frame), 1))
     settings = {"votes_per_item": 5, "seed": 0}
-    rows = training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings)
     want = [first_answer_token(name, tok, a) for a in builder.answers]
-    for row, (i, j) in zip(rows, training.vote_examples(counts, 5, 0), strict=True):
-        assert row["input_ids"] == [*prompts[i].ids, want[j]] and row["completion_mask"][-1] == 1
+    # one pass per item (the default with single-token answers): the prompt and each choice's target token
+    rows = training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings)
+    for row, prompt in zip(rows, prompts, strict=True):
+        assert row["input_ids"] == prompt.ids and row["answer_ids"] == want
+    # one sequence per sampled answer (the path for multi-token answers): prompt + the same target token
+    rows = training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings, one_pass=False)
+    sampled = [(i, j) for i, j in training.vote_examples(counts, 5, 0)]
+    sequences = [(i, seq, lab) for i, row in enumerate(rows) for seq, lab in zip(row["sequences"], row["labels"])]
+    assert len(sequences) == len(sampled) == 5 * len(frame)
+    for (i, j), (k, seq, labels) in zip(sampled, sequences, strict=True):
+        assert k == i and seq == [*prompts[i].ids, want[j]] and labels[-1] == want[j]
+        assert labels[:-1] == [-100] * len(prompts[i].ids)
     # never SentencePiece's byte token for a letter (<0x41>), which no model writes after its chat template
     assert not any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(want)), tok.convert_ids_to_tokens(want)
 

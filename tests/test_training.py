@@ -1,3 +1,4 @@
+import copy
 import json
 import shutil
 
@@ -107,8 +108,10 @@ def test_training_and_extraction_see_identical_ids(tmp_path, tiny_models, proces
         soft = training.training_rows("soft", tok, builder, frame, prompts, counts, answers, settings)
         assert [r["input_ids"] for r in soft] == [e.ids for e in extraction]
         votes = training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings)
-        pairs = training.vote_examples(counts, settings["votes_per_item"], settings["seed"])
-        assert all(r["input_ids"][:-1] == extraction[i].ids for r, (i, _) in zip(votes, pairs, strict=True))
+        assert [r["input_ids"] for r in votes] == [e.ids for e in extraction]  # one pass per item
+        assert all(t in v for r in votes for t, v in zip(r["answer_ids"], answers.variants, strict=True))
+        rows = training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings, one_pass=False)
+        assert all(s[:-1] == e.ids for r, e in zip(rows, extraction, strict=True) for s in r["sequences"])
         assert all(p.ids[0] == tok.bos_token_id and p.ids.count(tok.bos_token_id) == 1 for p in prompts)
         shortened += sum(p.shortened for p in prompts)
         if max_length:
@@ -142,7 +145,8 @@ def test_finetune_records_shortened_items(tmp_path, tiny_models, processed):
 
 
 def test_votes_rows_with_multi_token_answers(tiny_models, processed):
-    """Answers without a single-token variant: the prompt's ids, then the answer as extraction scores it."""
+    """Answers without a single-token variant: per item, its sampled answers as rows (prompt ids, then the answer
+    as extraction scores it), the loss on the answer tokens only."""
     tok = load_tokenizer(str(tiny_models["mistral"]))
     spec = {"system": None, "template": "A: {action1}\nB: {action2}", "n_shots": 0, "shot_seed": 0}
     spec["answers"] = ["the first action", "the second action"]
@@ -152,12 +156,143 @@ def test_votes_rows_with_multi_token_answers(tiny_models, processed):
     assert not answers.single_token
     prompts = training.encode_items(builder, tok, frame, None)
     counts = counts_matrix(frame)
-    rows = training.training_rows(
-        "votes", tok, builder, frame, prompts, counts, answers, {"votes_per_item": 3, "seed": 0}
-    )
-    for row, (i, j) in zip(rows, training.vote_examples(counts, 3, 0), strict=True):
+    settings = {"votes_per_item": 3, "seed": 0}
+    rows = training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings)
+    pairs = training.vote_examples(counts, 3, 0)
+    flat = [(seq, lab) for row in rows for seq, lab in zip(row["sequences"], row["labels"], strict=True)]
+    assert len(rows) == len(frame) and all(len(r["sequences"]) == 3 for r in rows)
+    for (seq, labels), (i, j) in zip(flat, pairs, strict=True):
         n = len(prompts[i].ids)
-        assert row["input_ids"][:n] == prompts[i].ids and row["completion_mask"] == [0] * n + [1] * (
-            len(row["input_ids"]) - n
-        )
-        assert tok.decode(row["input_ids"][n:]).strip() == spec["answers"][j]
+        assert seq[:n] == prompts[i].ids and labels == [-100] * n + seq[n:]
+        assert tok.decode(seq[n:]).strip() == spec["answers"][j]
+    with pytest.raises(ValueError, match="single-token"):
+        training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings, one_pass=True)
+
+
+def test_vote_weights_are_the_sampled_answers():
+    counts = np.array([[3, 2], [0, 5], [1, 4], [700, 2798], [1, 1]])
+    for k, seed in ((5, 0), (8, 1), (3, 2)):
+        weights = training.vote_weights(counts, k, seed)
+        expected = np.zeros(counts.shape)
+        for i, c in training.vote_examples(counts, k, seed):
+            expected[i, c] += 1 / k
+        np.testing.assert_allclose(weights, expected, atol=1e-15)
+        np.testing.assert_allclose(weights.sum(1), 1.0)
+
+
+def recipe_settings(objective, **overrides):
+    return {
+        **validate(demo_config()).finetune(objective),
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,  # K rows get K dropout masks, one pass gets one: equal only without dropout
+        "gradient_checkpointing": False,
+        **overrides,
+    }
+
+
+def tiny_lora(tiny_models):
+    """The tiny Llama with fresh LoRA adapters, in float64 (copy it for each trainer: LoRA's init is random)."""
+    base = load_model(str(tiny_models["llama"]), None, torch.device("cpu"), torch.float32)
+    return training.wrap_lora(base, recipe_settings("votes"), quantized=False).double()
+
+
+def trainer_for(tmp_path, name, tok, lm, objective, rows, answers, **overrides):
+    settings = recipe_settings(objective, **overrides)
+    dev = ([rows[0].get("input_ids") or rows[0]["sequences"][0][:-1]], np.array([[0.5, 0.5]]))
+    return training.build_trainer(
+        objective, copy.deepcopy(lm), tok, rows, dev, answers, settings, tmp_path / name, torch.device("cpu")
+    )
+
+
+def step_gradients(trainer, rows):
+    """Loss and gradients of one optimiser step over ``rows`` (the trainer's own training_step)."""
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    loss = trainer.training_step(model, training.StepCollator()(rows))
+    return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def anecdote_rows(tiny_models, processed):
+    """Tiny Llama, its tokenizer, and 10 anecdotes' votes rows both ways (one pass; one row per sampled answer)."""
+    tok = load_tokenizer(str(tiny_models["llama"]))
+    cfg = validate(demo_config())
+    frame = pd.read_parquet(processed["anecdotes"] / "train.parquet").head(10)
+    builder = PromptBuilder.from_config(cfg, "tiny-llama", "anecdotes", frame)
+    answers = ex.answer_variants(tok, builder.answers)
+    prompts = training.encode_items(builder, tok, frame, None)
+    counts = counts_matrix(frame)
+    settings = {"votes_per_item": 8, "seed": 3}
+    one = training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings)
+    rows = training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings, one_pass=False)
+    soft = training.training_rows("soft", tok, builder, frame, prompts, counts, answers, settings)
+    return tok, answers, one, rows, soft
+
+
+def test_votes_in_one_pass_equal_one_row_per_sampled_answer(tmp_path, tiny_models, anecdote_rows):
+    """The one-pass votes loss and gradients equal those of trl's SFT loss over the K rows, to 1e-6 (float64).
+
+    The rows go through trl's own collator and loss (``SFTTrainer.compute_loss``, answer tokens only: the rows
+    are tokenized by the project, so trl adds no EOS), split into several micro-batches; the one-pass items in one.
+    """
+    tok, answers, one, rows, _ = anecdote_rows
+    lm = tiny_lora(tiny_models)
+    assert all(sum(t != -100 for t in lab) == 1 for r in rows for lab in r["labels"])  # the answer token, no EOS
+    one_pass = trainer_for(tmp_path, "one", tok, lm, "votes", one, answers, token_budget=1 << 20)
+    per_row = trainer_for(tmp_path, "rows", tok, lm, "votes", rows, answers, token_budget=200)
+    loss_one, grads_one = step_gradients(one_pass, one)
+    loss_rows, grads_rows = step_gradients(per_row, rows)
+    # trl's log-probability kernel accumulates in float32: the loss (~6.4 for a random model) agrees to 1e-6 of
+    # itself; the gradients (largest entries ~2) to 1e-6 absolute (1e-8 seen)
+    assert loss_one == pytest.approx(loss_rows, rel=1e-6)
+    assert grads_one.keys() == grads_rows.keys() and len(grads_one) >= 5
+    for name, grad in grads_one.items():
+        torch.testing.assert_close(grad, grads_rows[name], atol=1e-6, rtol=0, msg=name)
+    assert max(float(g.abs().max()) for g in grads_one.values()) > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("objective", ["soft", "votes"])
+def test_micro_batches_and_shared_prefix_do_not_change_the_step(tmp_path, tiny_models, anecdote_rows, objective):
+    """A step's items in one micro-batch or in many (token budget), the shared prefix run once or in every row:
+    the same loss and gradients (float64)."""
+    tok, answers, one, _, soft = anecdote_rows
+    rows = soft if objective == "soft" else one
+    lm = tiny_lora(tiny_models)
+    whole = trainer_for(tmp_path, "whole", tok, lm, objective, rows, answers, token_budget=1 << 20)
+    plain = trainer_for(tmp_path, "plain", tok, lm, objective, rows, answers, token_budget=1 << 20)
+    plain.reuse_prefix = False
+    split = trainer_for(tmp_path, "split", tok, lm, objective, rows, answers, token_budget=450)
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert len(ex.make_batches(lengths, 450, len(rows))) >= 4
+    assert ex.common_prefix_length([r["input_ids"] for r in rows]) >= training.MIN_SHARED_PREFIX
+    loss_whole, grads_whole = step_gradients(whole, rows)
+    for other in (plain, split):
+        loss, grads = step_gradients(other, rows)
+        assert loss == pytest.approx(loss_whole, abs=1e-9)
+        for name, grad in grads_whole.items():
+            torch.testing.assert_close(grad, grads[name], atol=1e-9, rtol=0, msg=name)
+
+
+GIB = 2**30
+
+
+def test_memory_plan():
+    """Recompute activations only when memory requires it; shrink the micro-batch first, down to 4,096 tokens."""
+    shape = {"n_layers": 32, "hidden_size": 4096}  # Llama-3.1-8B: 84 B x 32 x 4096 = 10.5 MiB per token (bf16)
+    plan = training.memory_plan("auto", 8192, **shape, quantized=False, free_bytes=None)
+    assert plan["gradient_checkpointing"] is False and "CPU" in plan["reason"]
+    plan = training.memory_plan(True, 8192, **shape, quantized=False, free_bytes=None)
+    assert plan == {"gradient_checkpointing": True, "token_budget": 8192, "reason": "as configured"}
+    # an H200 after loading a bf16 8B model (~124 GiB free): 8,192 tokens need ~84 GiB
+    plan = training.memory_plan("auto", 8192, **shape, quantized=False, free_bytes=124 * GIB)
+    assert (plan["gradient_checkpointing"], plan["token_budget"]) == (False, 8192)
+    # an H100 (~64 GiB free): halve to 4,096 tokens (~42 GiB)
+    plan = training.memory_plan("auto", 8192, **shape, quantized=False, free_bytes=64 * GIB)
+    assert (plan["gradient_checkpointing"], plan["token_budget"]) == (False, 4096)
+    # QLoRA (128 B) on a 40 GiB card: 4,096 tokens need 64 GiB -> recompute, at the configured budget
+    plan = training.memory_plan("auto", 8192, **shape, quantized=True, free_bytes=40 * GIB)
+    assert (plan["gradient_checkpointing"], plan["token_budget"]) == (True, 8192) and "exceed" in plan["reason"]
+    # a configured budget below 4,096 is never halved
+    plan = training.memory_plan("auto", 2048, **shape, quantized=True, free_bytes=20 * GIB)
+    assert (plan["gradient_checkpointing"], plan["token_budget"]) == (True, 2048)

@@ -61,7 +61,9 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
     rows = training.training_rows(
         settings["objective"], tokenizer, builder, train_items, train_prompts, train_counts, answers, settings
     )
-    lm = training.wrap_lora(base, settings, settings["quantization"] == "4bit")
+    plan = training.plan_for(base, settings, device)  # gradient checkpointing and micro-batch size: memory only
+    resolved = {**settings, **{k: plan[k] for k in ("gradient_checkpointing", "token_budget")}}
+    lm = training.wrap_lora(base, resolved, settings["quantization"] == "4bit")
     checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
     trainer = training.build_trainer(
         settings["objective"],
@@ -70,7 +72,7 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
         rows,
         (dev_ids, dev_counts / dev_counts.sum(1, keepdims=True)),
         answers,
-        settings,
+        resolved,
         checkpoints,
         device,
     )
@@ -84,7 +86,9 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
         "hyperparameters": settings,
         "template_hash": builder.fingerprint(tokenizer),
         "train_items": len(train_prompts),
-        "train_examples": len(rows),
+        # one row per item, whatever the recipe: each item is seen once per epoch
+        "train_rows": len(rows),
+        "memory_plan": plan,
         "dev_items": len(dev_ids),
         # items whose text was cut to fit max_length (moralign.prompts.PromptBuilder.encode), per split
         "shortened_items": shortened,
