@@ -322,8 +322,10 @@ def test_votes_target_is_the_token_the_model_would_produce(real, processed, data
         assert row["input_ids"] == prompt.ids and row["answer_ids"] == want
     # one sequence per sampled answer (the path for multi-token answers): prompt + the same target token
     rows = training.training_rows("votes", tok, builder, frame, prompts, counts, answers, settings, one_pass=False)
-    sampled = [(i, j) for i, j in training.vote_examples(counts, 5, 0)]
-    sequences = [(i, seq, lab) for i, row in enumerate(rows) for seq, lab in zip(row["sequences"], row["labels"])]
+    sampled = training.vote_examples(counts, 5, 0)
+    sequences = [
+        (i, seq, lab) for i, row in enumerate(rows) for seq, lab in zip(row["sequences"], row["labels"], strict=True)
+    ]
     assert len(sequences) == len(sampled) == 5 * len(frame)
     for (i, j), (k, seq, labels) in zip(sampled, sequences, strict=True):
         assert k == i and seq == [*prompts[i].ids, want[j]] and labels[-1] == want[j]
