@@ -189,6 +189,27 @@ def _figures(ext: str) -> list[str]:
 
 TABLE = f"{REPORTS}/results"
 
+
+def _score_one_condition(name: str, condition: str, instances: Callable[[Config], list[Instance]]) -> Stage:
+    """A score stage for a condition with no paired baseline (``base`` itself, an encoder's ``trained``)."""
+    return Stage(
+        name=name,
+        script="score",
+        wildcards=("dataset", "model"),
+        instances=instances,
+        inputs=lambda cfg: {"data": PROCESSED, "predictions": PREDICTIONS.replace("{condition}", condition)},
+        outputs=lambda cfg: {
+            "scores": SCORES.replace("{condition}", condition),
+            "per_item": ITEM_SCORES.replace("{condition}", condition),
+        },
+        sections=("score", "experiment.eval_split"),
+        args=(
+            f"--dataset {{dataset}} --condition {condition} --data-dir {{input.data}}"
+            " --predictions {input.predictions} --out {output.scores} --items {output.per_item}"
+        ),
+    )
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="download",
@@ -334,22 +355,7 @@ STAGES: tuple[Stage, ...] = (
         # one API job at a time shares the endpoint's rate limit; requests within a job run concurrently
         resources=(("openai_api", 1),),
     ),
-    Stage(
-        name="score_base",
-        script="score",
-        wildcards=("dataset", "model"),
-        instances=_base_cells,
-        inputs=lambda cfg: {"data": PROCESSED, "predictions": PREDICTIONS.replace("{condition}", CONDITION_BASE)},
-        outputs=lambda cfg: {
-            "scores": SCORES.replace("{condition}", CONDITION_BASE),
-            "per_item": ITEM_SCORES.replace("{condition}", CONDITION_BASE),
-        },
-        sections=("score", "experiment.eval_split"),
-        args=(
-            "--dataset {dataset} --condition base --data-dir {input.data} --predictions {input.predictions}"
-            " --out {output.scores} --items {output.per_item}"
-        ),
-    ),
+    _score_one_condition("score_base", CONDITION_BASE, _base_cells),
     Stage(
         name="score_tuned",
         script="score",
@@ -370,22 +376,7 @@ STAGES: tuple[Stage, ...] = (
             " --baseline {input.baseline} --out {output.scores} --items {output.per_item}"
         ),
     ),
-    Stage(
-        name="score_trained",
-        script="score",
-        wildcards=("dataset", "model"),
-        instances=_encoder_cells,
-        inputs=lambda cfg: {"data": PROCESSED, "predictions": PREDICTIONS.replace("{condition}", CONDITION_TRAINED)},
-        outputs=lambda cfg: {
-            "scores": SCORES.replace("{condition}", CONDITION_TRAINED),
-            "per_item": ITEM_SCORES.replace("{condition}", CONDITION_TRAINED),
-        },
-        sections=("score", "experiment.eval_split"),
-        args=(
-            "--dataset {dataset} --condition trained --data-dir {input.data} --predictions {input.predictions}"
-            " --out {output.scores} --items {output.per_item}"
-        ),
-    ),
+    _score_one_condition("score_trained", CONDITION_TRAINED, _encoder_cells),
     Stage(
         name="references",
         script="references",
