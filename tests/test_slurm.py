@@ -89,4 +89,5 @@ def test_demo_through_slurm_stops_on_failure_and_resumes(cluster, tmp_path):
     assert all(state.get(s) == "COMPLETED" for s, _ in sub2.values()), states
     assert len(set(slurm_ids)) == len(slurm_ids)
     table = pd.read_csv(repo / "reports/demo/results.csv")
-    assert len(table[table["kind"] == "model"].groupby(["dataset", "model", "condition"])) == 12
+    # datasets x (LMs x {base + 2 recipes} + encoders x {trained})
+    assert len(table[table["kind"] == "model"].groupby(["dataset", "model", "condition"])) == 2 * (2 * 3 + 2 * 1)
