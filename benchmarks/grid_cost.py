@@ -125,15 +125,16 @@ def table(cfg) -> str:
             continue
         for name in recipes:
             recipe = cfg.finetune(name)
-            old, new = (sum(finetune_hours(dataset, recipe, loop)) for loop in ("old", "new"))
-            _, dev = finetune_hours(dataset, recipe, "new")
+            old = sum(finetune_hours(dataset, recipe, "old"))
+            train, dev = finetune_hours(dataset, recipe, "new")
+            new = train + dev
             n = len(local)
             totals["old"] += n * old
             totals["new"] += n * new
             kind = "QLoRA" if recipe["quantization"] == "4bit" else "bf16 LoRA"
             out.append(
                 f"| fine-tune {dataset}, {name} ({kind}; "
-                f"dev evaluation {dev / (new - dev):.1%} of training) | {old:.2f} | {new:.2f} | {n} | "
+                f"dev evaluation {dev / train:.1%} of training) | {old:.2f} | {new:.2f} | {n} | "
                 f"{n * old:.2f} | {n * new:.2f} |"
             )
         hours = extract_hours(dataset, extract)
