@@ -30,3 +30,29 @@ def test_grid_cost_table_is_the_readme_table():
     assert block == table
     old, new = (float(x) for x in re.search(r"\*\*total\*\* .*\*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\*", table).groups())
     assert new <= 6 < old
+
+
+def test_demo_floor_overlay_keeps_the_demos_jobs(tmp_path):
+    """benchmarks/demo_floor.py times the demo's own DAG: same rules, same jobs, only the run name differs."""
+    from tests.conftest import copy_repo
+    from tests.test_dag import snakemake_plan
+
+    repo = copy_repo(tmp_path / "repo")
+    demo = snakemake_plan(repo, "--forceall", "--configfile", "config/demo.yaml")
+    floor = snakemake_plan(repo, "--forceall", "--configfile", "config/demo.yaml", "benchmarks/demo_floor.yaml")
+    assert len(demo) == 57  # and the target rule `all`
+
+    def renamed(plan, run):
+        return {(rule, frozenset(o.replace(f"/{run}/", "/RUN/") for o in outs)) for rule, outs in plan}
+
+    assert renamed(floor, "floor") == renamed(demo, "demo")
+
+
+def test_workflow_profile_leaves_the_cluster_profiles_keys_alone():
+    """profiles/default is applied to every run and replaces whole top-level keys of --profile: no overlap."""
+    import yaml
+
+    default = yaml.safe_load((ROOT / "profiles/default/config.yaml").read_text())
+    assert default == {"scheduler": "greedy"}
+    for profile in ("slurm", "local-gpu"):
+        assert not set(default) & set(yaml.safe_load((ROOT / f"profiles/{profile}/config.yaml").read_text()))
