@@ -63,6 +63,90 @@ def test_soft_objective_is_the_metric(tiny_models, processed):
     )
 
 
+def _soft_case(seed: int = 0, batch: int = 6, vocab: int = 40):
+    """Random logits, an answer set with several variants per choice, random human shares."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(batch, vocab, generator=g, dtype=torch.float64)
+    answers = ex.AnswerTokens(("Yes", "No"), ((3, 7, 11), (5, 20)), (("Yes", " Yes", "yes"), ("No", " No")))
+    index, valid = training.choice_index(answers, torch.device("cpu"))
+    target = torch.rand(batch, 2, generator=g, dtype=torch.float64)
+    return logits, index, valid, target / target.sum(1, keepdim=True)
+
+
+def test_soft_loss_is_the_renormalised_cross_entropy_minus_log_coverage():
+    for seed in range(5):
+        logits, index, valid, target = _soft_case(seed)
+        renormalised = -(target * training.choice_logprobs(logits, index, valid)).sum(-1)
+        probs = torch.softmax(logits, -1)
+        coverage = probs[:, [3, 7, 11, 5, 20]].sum(-1)
+        torch.testing.assert_close(
+            training.soft_losses(logits, target, index, valid), renormalised - torch.log(coverage), rtol=0, atol=1e-12
+        )
+        # and, independently: -sum_j h_j log(sum of choice j's variant probabilities)
+        by_hand = -(target[:, 0] * probs[:, [3, 7, 11]].sum(-1).log() + target[:, 1] * probs[:, [5, 20]].sum(-1).log())
+        torch.testing.assert_close(training.soft_losses(logits, target, index, valid), by_hand, rtol=0, atol=1e-12)
+
+
+def test_soft_loss_pushes_mass_onto_the_answers():
+    """A constant added to every answer logit changes the loss: d loss / d shift = -(1 - coverage) per item.
+
+    The renormalised cross-entropy is blind to that shift (its gradient is 0): it never taught a model to answer.
+    """
+    logits, index, valid, target = _soft_case(1)
+    on_answers = torch.zeros(logits.shape[1], dtype=torch.float64)
+    on_answers[[3, 7, 11, 5, 20]] = 1.0
+    shift = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    training.soft_losses(logits + shift * on_answers, target, index, valid).sum().backward()
+    coverage = torch.softmax(logits, -1)[:, [3, 7, 11, 5, 20]].sum(-1)
+    assert shift.grad.item() == pytest.approx(-(1 - coverage).sum().item(), abs=1e-10)
+    assert abs(shift.grad.item()) > 0.1
+    shift.grad = None
+    (-(target * training.choice_logprobs(logits + shift * on_answers, index, valid)).sum()).backward()
+    assert shift.grad.item() == pytest.approx(0.0, abs=1e-10)
+
+
+class _Pieces:
+    """A tokenizer stand-in that names token pieces (what ``training_variants`` asks of a tokenizer)."""
+
+    def __init__(self, pieces: dict[int, str]) -> None:
+        self.pieces = pieces
+
+    def convert_ids_to_tokens(self, i: int) -> str:
+        return self.pieces[i]
+
+
+def test_training_variants_keep_plain_spellings_only():
+    # token 3 is a byte-fallback piece: it decodes to "A" like token 1, its piece gives it away
+    answers = ex.AnswerTokens(
+        ("A", "Yes"),
+        ((1, 2, 3, 4, 5), (6, 7, 8, 9)),
+        (("A", " A", "A", "\xa0A", "\nA"), ("Yes", " yes", "YES", "\u2003Yes")),
+    )
+    tok = _Pieces({1: "A", 2: "▁A", 3: "<0x41>", 4: "Â łA", 5: "ĊA", 6: "Yes", 7: "Ġyes", 8: "YES", 9: "âĢĥYes"})
+    assert training.training_variants(tok, answers).variants == ((1, 2, 5), (6, 7, 8))
+    # a token the template writes as the answer is kept whatever its spelling
+    assert training.training_variants(tok, answers, [[4, 9]]).variants == ((1, 2, 4, 5), (6, 7, 8, 9))
+
+
+@pytest.mark.parametrize("name", ["llama-3.1", "mistral-v0.3"])
+def test_training_variants_of_real_tokenizers(tmp_path, name):
+    """Byte-fallback pieces (<0x41>) and no-break-space spellings get no training mass; plain twins do."""
+    pytest.importorskip("mistral_common")
+    pytest.importorskip("llama_models")
+    from tests.test_real_tokenizers import CASES
+
+    tok = CASES[name][1](tmp_path)
+    letters = ex.answer_variants(tok, ["A", "B"])
+    kept = training.training_variants(tok, letters)
+    for j, letter in enumerate("AB"):
+        dropped = set(letters.variants[j]) - set(kept.variants[j])
+        assert dropped, (name, letters.variant_strings[j])
+        assert all(tok.convert_ids_to_tokens(v).startswith("<0x") or "\xa0" in tok.decode([v]) for v in dropped)
+        assert {s.strip(" ") for s in kept.variant_strings[j]} <= {letter, "\t" + letter}
+    words = ex.answer_variants(tok, ["Yes", "No"])
+    assert training.training_variants(tok, words).variant_strings == words.variant_strings
+
+
 def demo_config(**extract):
     raw = yaml.safe_load((ROOT / "config/demo.yaml").read_text())
     raw["extract"].update(extract)

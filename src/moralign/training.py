@@ -17,8 +17,14 @@ Two recipes (design.md §4), both on prompts rendered and tokenized exactly as e
   answers' shares (``vote_weights``) — the same loss and gradient as K duplicate rows, at 1/K of the cost
   (``tests/test_training.py`` checks the two paths agree). Answers of several tokens keep one row per sampled
   answer, through trl's own loss (the ``rows`` path).
-* ``soft`` — the loss is the cross-entropy between the human distribution h and the model's distribution over
-  the choices at the answer position (variants summed, renormalised): exactly what the metrics score.
+* ``soft`` — the loss is -sum_j h_j log P(choice j): the human shares h against the model's full-vocabulary
+  probability of each choice at the answer position, its training variants summed and NOT renormalised over the
+  choices. It equals the cross-entropy of the renormalised distribution (what the metrics score) minus
+  log(coverage), so the model is trained both to say an answer and to split its mass as the humans do.
+  Renormalising alone would be blind to a constant added to every answer logit: nothing would push mass onto the
+  answers, and the tiny demo models stopped answering (coverage 0.01). Training mass goes only to the variants
+  the model produces at that position (``training_variants``): the answer token of the encoded conversation and
+  its plain-whitespace and case twins, never byte-fallback tokens or exotic spellings.
 
 Both recipes see each training item once per epoch, so equal ``epochs``/``max_steps`` give them equal optimiser
 budgets.
@@ -38,7 +44,9 @@ the output, so a killed job resumes from its last one.
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,17 +124,64 @@ def upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def choice_logprobs(last_logits: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Log p over the choices (renormalised) from the logits at the answer position: (batch, choices)."""
+def answer_logprobs(last_logits: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Log P(choice j) over the full vocabulary, variants summed, NOT renormalised: (batch, choices)."""
     logp = torch.log_softmax(upcast(last_logits), dim=-1)
     picked = logp[:, index].masked_fill(~valid, -torch.inf)
-    logp_choice = torch.logsumexp(picked, dim=-1)
-    return torch.log_softmax(logp_choice, dim=-1)
+    return torch.logsumexp(picked, dim=-1)
 
 
-def soft_losses(last_logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor, valid: torch.Tensor):
-    """Per item: cross-entropy between ``target`` (human shares) and the model's distribution over the choices."""
-    return -(target * choice_logprobs(last_logits, index, valid)).sum(-1)
+def choice_logprobs(last_logits: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Log p over the choices (renormalised, what extraction reports) from the logits at the answer position."""
+    return torch.log_softmax(answer_logprobs(last_logits, index, valid), dim=-1)
+
+
+def soft_losses(
+    last_logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Per item: -sum_j target_j log P(choice j), P unnormalised (= renormalised cross-entropy - log coverage)."""
+    return -(target * answer_logprobs(last_logits, index, valid)).sum(-1)
+
+
+# sentencepiece byte-fallback pieces (<0x41> decodes to "A"): a spelling no model writes as its answer
+BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+ASCII_SPACE = " \t\n\r"
+
+
+def _plain_variant(decoded: str, piece: str, answer: str) -> bool:
+    """The answer word itself, in another case (words of 2+ letters) or with plain ASCII whitespace around it."""
+    if BYTE_TOKEN.match(piece):
+        return False
+    word = decoded.strip(ASCII_SPACE)
+    return word == answer or (len(answer) > 1 and word.lower() == answer.lower() and word.isascii())
+
+
+def training_variants(tokenizer: Any, answers: AnswerTokens, targets: Iterable[Iterable[int]] = ()) -> AnswerTokens:
+    """The variants of each answer that receive the soft recipe's training mass.
+
+    Of extraction's variants (which keep every spelling, so that the reading misses no mass), only those the model
+    produces at the answer position: every token in ``targets`` (per item, the answer token of the encoded
+    conversation, ``answer_targets``) and the variants that are the answer word with plain ASCII whitespace
+    around it or in another case (not for one-letter answers, as extraction). Never a byte-fallback token
+    (``<0x41>``) or a spelling with other characters (a no-break space): mass put there is mass on no answer a
+    reader would see.
+    """
+    wanted = [set() for _ in answers.answers]
+    for item in targets:
+        for j, token in enumerate(item):
+            wanted[j].add(int(token))
+    variants, strings = [], []
+    for j, answer in enumerate(answers.answers):
+        keep = [
+            (v, s)
+            for v, s in zip(answers.variants[j], answers.variant_strings[j], strict=True)
+            if v in wanted[j] or _plain_variant(s, tokenizer.convert_ids_to_tokens(v), answer)
+        ]
+        if not keep:
+            raise ValueError(f"answer {answer!r}: none of its token variants {answers.variant_strings[j]} is plain")
+        variants.append(tuple(v for v, _ in keep))
+        strings.append(tuple(s for _, s in keep))
+    return AnswerTokens(answers.answers, tuple(variants), tuple(strings))
 
 
 def votes_losses(last_logits: torch.Tensor, target: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
@@ -251,11 +306,14 @@ def build_trainer(
     settings: dict[str, Any],
     output_dir: Path,
     device: torch.device,
+    train_answers: AnswerTokens | None = None,
 ) -> Any:
     """An SFTTrainer (subclass) for ``objective`` with token-budget micro-batches and dev-xentropy model selection.
 
     ``settings`` are the recipe's, with ``token_budget`` and ``gradient_checkpointing`` as ``memory_plan``
-    resolved them. ``train_rows`` come from ``training_rows`` (one per item).
+    resolved them. ``train_rows`` come from ``training_rows`` (one per item). ``answers`` are extraction's
+    variants (dev evaluation); ``train_answers`` the variants the soft loss puts mass on (``training_variants``;
+    default ``answers``).
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -263,7 +321,7 @@ def build_trainer(
 
     dev_prompts, dev_human = dev
     pad_id = tokenizer.pad_token_id
-    index, valid = choice_index(answers, device)
+    index, valid = choice_index(train_answers or answers, device)
     rows_path = "sequences" in train_rows[0]
 
     class MoralignTrainer(SFTTrainer):
@@ -461,6 +519,24 @@ def answer_targets(
             )
         targets.append(whole[n])
     return targets
+
+
+def soft_training_answers(
+    builder: PromptBuilder,
+    tokenizer: Any,
+    items: Any,
+    prompts: list[EncodedPrompt],
+    answers: AnswerTokens,
+    sample: int = 32,
+) -> AnswerTokens:
+    """``training_variants`` with the answer tokens of the encoded conversations of the first ``sample`` items.
+
+    The token that starts the assistant's answer turn is the template's, not the item's: a sample of items shows
+    it (and ``answer_targets`` checks each one is a variant of its answer).
+    """
+    rows = [row for _, row in items.head(sample).iterrows()]
+    targets = [answer_targets(builder, tokenizer, r, p, answers) for r, p in zip(rows, prompts, strict=False)]
+    return training_variants(tokenizer, answers, targets)
 
 
 def soft_rows(prompts: list[list[int]], human: np.ndarray) -> list[dict[str, Any]]:

@@ -61,6 +61,10 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
     rows = training.training_rows(
         settings["objective"], tokenizer, builder, train_items, train_prompts, train_counts, answers, settings
     )
+    train_answers = None
+    if settings["objective"] == "soft":
+        train_answers = training.soft_training_answers(builder, tokenizer, train_items, train_prompts, answers)
+        log.info("soft recipe: training mass on the variants %s", train_answers.variant_strings)
     plan = training.plan_for(base, settings, device)  # gradient checkpointing and micro-batch size: memory only
     resolved = {**settings, **{k: plan[k] for k in ("gradient_checkpointing", "token_budget")}}
     lm = training.wrap_lora(base, resolved, settings["quantization"] == "4bit")
@@ -75,6 +79,7 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
         resolved,
         checkpoints,
         device,
+        train_answers,
     )
     result = training.train(trainer, checkpoints)
     meta = {
@@ -85,6 +90,8 @@ def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base
         "recipe": recipe,
         "hyperparameters": settings,
         "template_hash": builder.fingerprint(tokenizer),
+        # the answer spellings the loss puts mass on (soft: training_variants; votes: the answer tokens)
+        "training_variants": [list(v) for v in train_answers.variant_strings] if train_answers else None,
         "train_items": len(train_prompts),
         # one row per item, whatever the recipe: each item is seen once per epoch
         "train_rows": len(rows),
