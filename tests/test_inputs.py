@@ -152,18 +152,19 @@ def _predictions(folder: Path, data_dir: Path, dataset: str, splits=("dev", "tes
 
 
 def _scores(folder: Path, cells, refs=("anecdotes", "dilemmas"), split="test", base=None) -> Path:
-    for d, m, c in cells:
-        path = folder / d / m / f"{c}.json"
+    for d, m, c, seed in cells:
+        path = folder / d / m / (f"{c}.json" if seed is None else f"{c}/seed-{seed}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         prov = {"dataset": d, "model": m, "base": base or {"built": {"architecture": "llama"}, "weights": "w"}}
-        path.write_text(json.dumps({"provenance": prov, "condition": c, "split": split, "metrics": {}}))
+        score = {"provenance": prov, "condition": c, "seed": seed, "split": split, "metrics": {}}
+        path.write_text(json.dumps(score))
     for d in refs:
         (folder / d).mkdir(parents=True, exist_ok=True)
         (folder / d / "references.json").write_text(json.dumps({"dataset": d, "split": split, "rows": {}}))
     return folder
 
 
-RUN_CELLS = [(d, m, c) for d in ("anecdotes", "dilemmas") for m in ("tiny-llama",) for c in ("base", "soft")]
+RUN_CELLS = [(d, "tiny-llama", c, s) for d in ("anecdotes", "dilemmas") for c, s in (("base", None), ("soft", 0))]
 
 
 # ------------------------------------------------------------------------------------------------------- cases
@@ -564,7 +565,7 @@ CASES = [
     Case("baseline-items-in-another-order", baseline_case(edit_base=lambda s, f, m: _reverse(f, m)), "same items"),
     Case(
         "scores-of-another-run",
-        scores_case(cells=[(d, "llama-3.1-8b", c) for d, _, c in RUN_CELLS]),
+        scores_case(cells=[(d, "llama-3.1-8b", c, s) for d, _, c, s in RUN_CELLS]),
         "no score for 4 cell",
     ),
     Case("scores-on-another-split", scores_case(split="dev", where="anecdotes/references.json"), "eval_split"),
@@ -795,7 +796,7 @@ def test_matching_adapter_predictions_and_scores_pass(tmp_path, processed):
     check_baseline(tuned, pred, ["dev", "test"])
 
     # cells outside the run (an old model) are ignored, as the summary ignores them
-    scores = _scores(tmp_path / "scores", [*RUN_CELLS, ("dilemmas", "old-model", "base")])
+    scores = _scores(tmp_path / "scores", [*RUN_CELLS, ("dilemmas", "old-model", "base", None)])
     cfg = {"tiny-llama": {"build": {"architecture": "llama"}, "chat_template": True}}
     check_scores([scores], RUN_CELLS, "test", cfg)
     files = sorted(scores.rglob("*.json"))

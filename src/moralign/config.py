@@ -46,6 +46,9 @@ def load_yaml(text: str) -> Any:
 
 
 CONDITION_BASE = "base"
+# The base condition scored on the 4-bit NF4 weights QLoRA recipes train on: the baseline of their differences.
+CONDITION_BASE_4BIT = "base-4bit"
+BASE_CONDITIONS = (CONDITION_BASE, CONDITION_BASE_4BIT)
 # The one condition of an encoder baseline (backend: encoder): trained on the votes; its untrained head is noise.
 CONDITION_TRAINED = "trained"
 # build.architecture values of the encoder baselines (moralign.tinyencoders); the others are causal LMs.
@@ -181,29 +184,63 @@ class Config:
     def conditions_of(self, model: str) -> list[str]:
         """The conditions of model ``model``: the one place that decides which cells a model has.
 
-        A local causal LM has ``base`` and one condition per fine-tuning recipe; an API model (``backend: openai``)
-        has only ``base``: there are no weights to tune; an encoder baseline (``backend: encoder``) has only
-        ``trained``: a classification head is random until trained, so there is no base row.
+        A local causal LM has ``base`` (its weights as ``extract`` loads them: bf16 in the paper run), also
+        ``base-4bit`` when a recipe trains on a 4-bit base (QLoRA: the baseline of that recipe's differences), and
+        one condition per fine-tuning recipe; an API model (``backend: openai``) has only ``base``: there are no
+        weights to tune; an encoder baseline (``backend: encoder``) has only ``trained``: a classification head is
+        random until trained, so there is no base row.
         """
         backend = self.backend(model)
         if backend == "openai":
             return [CONDITION_BASE]
         if backend == "encoder":
             return [CONDITION_TRAINED]
-        return [CONDITION_BASE, *self.recipes]
+        quantized = any(self.finetune(r)["quantization"] == "4bit" for r in self.recipes)
+        return [CONDITION_BASE, *([CONDITION_BASE_4BIT] if quantized else []), *self.recipes]
+
+    def seeds_of(self, model: str, condition: str) -> list[int | None]:
+        """Training seeds of a cell: ``finetune.seeds`` for a recipe, ``encoder.seeds`` for an encoder; [None] else.
+
+        Each seed is a cell of its own (its own adapter, predictions and scores); the table averages over them.
+        """
+        if condition in BASE_CONDITIONS:
+            return [None]
+        if self.backend(model) == "encoder":
+            return list(self.data["encoder"]["seeds"])
+        return list(self.data["finetune"]["seeds"])
+
+    def baseline_of(self, recipe: str) -> str:
+        """The base condition a recipe's differences are taken against: the weights it was trained on."""
+        return CONDITION_BASE_4BIT if self.finetune(recipe)["quantization"] == "4bit" else CONDITION_BASE
 
     @property
     def conditions(self) -> list[str]:
         """Every condition of any model of the run, in table order (``base`` first)."""
         return list(dict.fromkeys(c for m in self.models for c in self.conditions_of(m)))
 
-    def cells(self) -> list[tuple[str, str, str]]:
-        """Every (dataset, model, condition) cell of the results table, in table order."""
-        return [(d, m, c) for d in self.datasets for m in self.models for c in self.conditions_of(m)]
+    def cells(self) -> list[tuple[str, str, str, int | None]]:
+        """Every (dataset, model, condition, seed) cell of the run, in table order; seed None where untrained."""
+        return [
+            (d, m, c, s)
+            for d in self.datasets
+            for m in self.models
+            for c in self.conditions_of(m)
+            for s in self.seeds_of(m, c)
+        ]
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """(condition, baseline) pairs of the differences table.
+
+        Each recipe against the base it was trained on, then each recipe against every earlier one (seed for
+        seed), in ``experiment.recipes`` order.
+        """
+        pairs = [(r, self.baseline_of(r)) for r in self.recipes]
+        pairs += [(b, a) for k, a in enumerate(self.recipes) for b in self.recipes[k + 1 :]]
+        return pairs
 
     def tuned(self, model: str) -> list[str]:
-        """The conditions of ``model`` other than ``base`` (LoRA recipes; ``trained`` for an encoder)."""
-        return [c for c in self.conditions_of(model) if c != CONDITION_BASE]
+        """The trained conditions of ``model`` (LoRA recipes; ``trained`` for an encoder)."""
+        return [c for c in self.conditions_of(model) if c not in BASE_CONDITIONS]
 
     def prompt(self, dataset: str) -> dict[str, Any]:
         """Prompt variant of ``dataset``."""
@@ -314,7 +351,7 @@ def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
         else:
             _check_local_model(name, model, origin)
     for name in exp["recipes"]:
-        if name in (CONDITION_BASE, CONDITION_TRAINED):
+        if name in (*BASE_CONDITIONS, CONDITION_TRAINED):
             raise ConfigError(
                 f"{origin}: experiment.recipes: '{name}' names a condition of its own (the untuned models, the "
                 "encoder baselines), not a recipe; rename the recipe"
@@ -343,6 +380,14 @@ def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
             f"{origin}: experiment.eval_split '{exp['eval_split']}' is not among extract.splits "
             f"{cfg['extract']['splits']}; add it there"
         )
+    for name in exp["recipes"]:
+        settings = {**cfg["finetune"], **cfg["recipes"][name]}
+        if settings["quantization"] == "4bit" and settings["device"] == "cpu":
+            raise ConfigError(
+                f"{origin}: recipe {name} trains on a 4-bit base (finetune.quantization: 4bit) on device cpu, but "
+                "4-bit weights need CUDA; set finetune.quantization: none (plain LoRA: the recipe's cells and their "
+                "baseline are then scored on the same full-precision base)"
+            )
     for key in ("models", "datasets", "recipes"):
         dupes = {x for x in exp[key] if exp[key].count(x) > 1}
         if dupes:

@@ -256,12 +256,13 @@ def plot_dataset(
     data_dir: Path,
     split: str,
     out_dir: Path,
-    cells: list[tuple[str, str, str]],
+    cells: list[tuple[str, str, str, int | None]],
 ) -> list[Path]:
     """Every figure of one dataset (:data:`FIGURES`), as PNG and PDF.
 
     ``report_dir`` holds results.csv and differences.csv; ``pred_dirs`` are prediction folders or folders above
-    them; cells outside the run's experiment are skipped.
+    them; cells outside the run's experiment are skipped. The per-item figures (reliability, scatter) show one
+    seed per row, the first of the run's seeds; the bars show the table's means over seeds.
     """
     from moralign.data import TASKS
 
@@ -270,12 +271,17 @@ def plot_dataset(
     paths = []
     for metric in ("xentropy", "dirichlet"):
         paths += bar_figure(long, dataset, metric, out_dir / f"{dataset}_{metric}_bars")
+    first_seed = {}
+    for d, m, c, seed in cells:
+        first_seed.setdefault((d, m, c), seed)
     preds = {}
     for summary in sorted(s for d in pred_dirs for s in Path(d).rglob("summary.json")):
         prov = read_json(summary)["provenance"]
-        if (prov["dataset"], prov["model"], prov["condition"]) in cells:
+        row = (prov["dataset"], prov["model"], prov["condition"])
+        seed = first_seed.get(row, "not in the run")
+        if seed is None or summary.parent.name == f"seed-{seed}":
             preds[f"{prov['model']} / {prov['condition']}"] = summary.parent / f"{split}.parquet"
-    order = {c: k for k, c in enumerate(dict.fromkeys(c for _, _, c in cells))}
+    order = {c: k for k, c in enumerate(dict.fromkeys(c for _, _, c, _ in cells))}
     preds = dict(sorted(preds.items(), key=lambda kv: (kv[0].split(" / ")[0], order[kv[0].split(" / ")[1]])))
     cells = _load_cells(preds, data_dir / f"{split}.parquet")
     choice = TASKS[dataset].choices[0]

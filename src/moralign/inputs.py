@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moralign.config import CONDITION_BASE
+from moralign.config import BASE_CONDITIONS
 from moralign.data import TASKS
 from moralign.errors import DataError
 from moralign.io import read_provenance
@@ -145,14 +145,15 @@ def _check_distributions(path: Path, pred: pd.DataFrame, choices: tuple[str, ...
 def check_baseline(pred_dir: str | Path, baseline_dir: str | Path, splits: Iterable[str]) -> None:
     """The base-condition predictions a fine-tuned cell is paired with.
 
-    Same model, base weights, dataset, prompt and items in the same order; the baseline's condition is ``base``.
+    Same model, base weights (and their precision: a QLoRA adapter is compared with the 4-bit base it was trained
+    on), dataset, prompt and items in the same order; the baseline is a base condition (``base``, ``base-4bit``).
     """
     pred_dir, baseline_dir = Path(pred_dir), Path(baseline_dir)
     tuned = _read_json(pred_dir / "summary.json", "written last by extract").get("provenance") or {}
     base = _read_json(baseline_dir / "summary.json", "written last by extract").get("provenance") or {}
-    if base.get("condition") != CONDITION_BASE:
-        raise DataError(f"{baseline_dir}: predictions of condition {base.get('condition')!r}, not {CONDITION_BASE!r}")
-    for key in ("model", "dataset", "template_hash"):
+    if base.get("condition") not in BASE_CONDITIONS:
+        raise DataError(f"{baseline_dir}: predictions of condition {base.get('condition')!r}, not a base condition")
+    for key in ("model", "dataset", "template_hash", "quantization", "dtype"):
         if base.get(key) != tuned.get(key):
             raise DataError(
                 f"{baseline_dir}: {key} {base.get(key)!r} differs from {pred_dir}'s {tuned.get(key)!r}: "
@@ -178,26 +179,26 @@ def check_baseline(pred_dir: str | Path, baseline_dir: str | Path, splits: Itera
 
 def check_scores(
     paths: Iterable[str | Path],
-    cells: list[tuple[str, str, str]],
+    cells: list[tuple[str, str, str, int | None]],
     split: str,
     model_configs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """The score and reference files ``summarise`` tabulates are this run's, complete and unambiguous.
 
     ``paths`` are files or folders (searched for ``*.json``) as the summarise step receives them. Every
-    (dataset, model, condition) cell of the run (``cells``) must have exactly one score file and every dataset
+    (dataset, model, condition, seed) cell of the run (``cells``) must have exactly one score file and every dataset
     exactly one reference file, all on ``split`` (the run's ``experiment.eval_split``). Files of cells outside the
     run are ignored, as the summary ignores them. With ``model_configs`` (the config's ``models.<name>`` of each model)
     each cell's base model must also be the one the run configures: a same-named model of another run fails.
     """
     paths = [Path(p) for p in paths]
-    wanted, datasets = set(cells), list(dict.fromkeys(d for d, _, _ in cells))
+    wanted, datasets = set(cells), list(dict.fromkeys(d for d, _, _, _ in cells))
     files = []
     for path in paths:
         if not path.exists():
             raise DataError(f"{path}: no such score file or folder")
         files += sorted(path.rglob("*.json")) if path.is_dir() else [path]
-    found: dict[tuple[str, str, str], Path] = {}
+    found: dict[tuple[str, str, str, int | None], Path] = {}
     refs: dict[str, Path] = {}
     for file in files:
         score = _read_json(file, "a score or reference file")
@@ -213,7 +214,7 @@ def check_scores(
         prov = score.get("provenance")
         if not isinstance(prov, dict) or "condition" not in score:
             raise DataError(f"{file}: neither a score file (provenance, condition) nor a reference file (rows)")
-        cell = (prov.get("dataset"), prov.get("model"), score["condition"])
+        cell = (prov.get("dataset"), prov.get("model"), score["condition"], score.get("seed"))
         if cell not in wanted:
             continue
         _same_split(file, score, split)
@@ -227,7 +228,7 @@ def check_scores(
     if missing:
         raise DataError(
             f"{where}: no score for {len(missing)} cell(s) of this run, e.g. {missing[:3]} (dataset, model, "
-            "condition): the scores of another run, or an unfinished one?"
+            "condition, seed): the scores of another run, or an unfinished one?"
         )
     missing_refs = [d for d in datasets if d not in refs]
     if missing_refs:

@@ -79,4 +79,6 @@ def score_cell(
         diff = {name: metrics.paired_difference(base_items[name], per_item[name], resamples, seed) for name in per_item}
         diff["macro_f1"] = metrics.paired_macro_f1_difference(cell.counts, base.logp, cell.logp, resamples, seed)
         result["difference_to_base"] = diff
-    return result, pd.DataFrame({"id": cell.ids, **per_item})
+    # the label and predicted shares behind macro-F1 (not a mean over items): the table recomputes it per resample
+    inputs = {"majority": metrics.majority_labels(cell.counts), "predicted": list(metrics.predicted_shares(cell.logp))}
+    return result, pd.DataFrame({"id": cell.ids, **per_item, **inputs})

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from moralign.config import CONDITION_BASE, CONDITION_TRAINED, Config, load_config
+from moralign.config import CONDITION_BASE, CONDITION_TRAINED, Config, load_config, load_schema
 from moralign.data import ARCHIVES, TASKS
 from moralign.figures import FIGURES
 from moralign.predictors import backend_module
@@ -45,11 +45,12 @@ SRC = Path(__file__).resolve().parent  # src/moralign
 RAW = "data/{run}/raw/{archive}.tar.gz"
 PROCESSED = "data/{run}/processed/{dataset}"
 BASE_MODEL = "models/{run}/base/{model}"
-ADAPTER = "models/{run}/adapters/{dataset}/{model}/{recipe}"
-ENCODER = "models/{run}/encoders/{dataset}/{model}"
-PREDICTIONS = "results/{run}/predictions/{dataset}/{model}/{condition}"
-SCORES = "results/{run}/scores/{dataset}/{model}/{condition}.json"
-ITEM_SCORES = "results/{run}/scores/{dataset}/{model}/{condition}.items.parquet"
+ADAPTER = "models/{run}/adapters/{dataset}/{model}/{recipe}/seed-{seed}"
+ENCODER = "models/{run}/encoders/{dataset}/{model}/seed-{seed}"
+# {cell} = the condition, then /seed-<s> for a trained cell (one per training seed)
+PREDICTIONS = "results/{run}/predictions/{dataset}/{model}/{cell}"
+SCORES = "results/{run}/scores/{dataset}/{model}/{cell}.json"
+ITEM_SCORES = "results/{run}/scores/{dataset}/{model}/{cell}.items.parquet"
 REFERENCES = "results/{run}/scores/{dataset}/references.json"
 REPORTS = "reports/{run}"
 FIGURE = "reports/{run}/figures/{dataset}_{kind}.{ext}"
@@ -121,6 +122,15 @@ def model_section(model: str) -> str:
     return "models" if "." in model else f"models.{model}"
 
 
+def cell_name(condition: str, seed: int | str | None) -> str:
+    """The path part of a cell: its condition, then ``/seed-<s>`` for a trained cell."""
+    return condition if seed is None else f"{condition}/seed-{seed}"
+
+
+def _cell(pattern: str, condition: str, seed: str | None = None) -> str:
+    return pattern.replace("{cell}", cell_name(condition, seed))
+
+
 def _hf_models(cfg: Config) -> list[str]:
     return [m for m in cfg.models if cfg.backend(m) == "hf"]
 
@@ -142,30 +152,47 @@ def _model_instance(model: str) -> Instance:
     return {"model": model, "model_section": model_section(model)}
 
 
-def _cells(
-    cfg: Config, condition: Callable[[str], list[str]], key: str, models: Callable[[Config], list[str]] = _hf_models
-) -> list[Instance]:
-    """Instances over datasets x ``models`` x each model's ``condition`` list (its value stored under ``key``)."""
+def _base_cells(cfg: Config, models: Callable[[Config], list[str]] = lambda cfg: cfg.models) -> list[Instance]:
+    """Every (dataset, model, base condition) of ``models`` (``base``, and ``base-4bit`` beside QLoRA recipes)."""
     return [
-        {"dataset": d, **_model_instance(m), key: c} for d in cfg.datasets for m in models(cfg) for c in condition(m)
+        {"dataset": d, **_model_instance(m), "condition": c}
+        for d in cfg.datasets
+        for m in models(cfg)
+        for c in cfg.conditions_of(m)
+        if c not in cfg.tuned(m)
     ]
 
 
-def _base(cfg: Config) -> Callable[[str], list[str]]:
-    return lambda m: [CONDITION_BASE] if CONDITION_BASE in cfg.conditions_of(m) else []
-
-
-def _base_cells(cfg: Config) -> list[Instance]:
-    """Every (dataset, model) whose model has a base condition, whatever its backend."""
-    return _cells(cfg, _base(cfg), "condition", lambda cfg: cfg.models)
+def _tuned_cells(cfg: Config) -> list[Instance]:
+    """Every (dataset, model, recipe, seed) of the causal LMs; ``baseline`` = the base it is compared with."""
+    return [
+        {
+            "dataset": d,
+            **_model_instance(m),
+            "recipe": r,
+            "seed": str(s),
+            "baseline": cfg.baseline_of(r),
+            "quantization": cfg.finetune(r)["quantization"],
+        }
+        for d in cfg.datasets
+        for m in _hf_models(cfg)
+        for r in cfg.tuned(m)
+        for s in cfg.seeds_of(m, r)
+    ]
 
 
 def _api_cells(cfg: Config) -> list[Instance]:
-    return [{**i, "cache": API_CACHE} for i in _cells(cfg, _base(cfg), "condition", _api_models)]
+    return [{**i, "cache": API_CACHE} for i in _base_cells(cfg, _api_models)]
 
 
 def _encoder_cells(cfg: Config) -> list[Instance]:
-    return _cells(cfg, lambda m: [CONDITION_TRAINED], "condition", _encoder_models)
+    """Every (dataset, encoder model, seed)."""
+    return [
+        {"dataset": d, **_model_instance(m), "seed": str(s)}
+        for d in cfg.datasets
+        for m in _encoder_models(cfg)
+        for s in cfg.seeds_of(m, CONDITION_TRAINED)
+    ]
 
 
 def _archives(cfg: Config) -> list[Instance]:
@@ -175,11 +202,13 @@ def _archives(cfg: Config) -> list[Instance]:
     return [{"archive": a} for a in ARCHIVES if a in needed]
 
 
-def _plot_predictions(cfg: Config) -> list[str]:
+def _run_cells(cfg: Config, pattern: str, dataset: str = "{dataset}") -> list[str]:
+    """``pattern`` for every cell of the run (of one dataset, or of ``{dataset}``)."""
     return [
-        PREDICTIONS.format(run="{run}", dataset="{dataset}", model=m, condition=c)
+        pattern.format(run="{run}", dataset=dataset, model=m, cell=cell_name(c, s))
         for m in cfg.models
         for c in cfg.conditions_of(m)
+        for s in cfg.seeds_of(m, c)
     ]
 
 
@@ -187,25 +216,38 @@ def _figures(ext: str) -> list[str]:
     return [FIGURE.format(run="{run}", dataset="{dataset}", kind=k, ext=ext) for k in FIGURES]
 
 
+def _keys_but_seeds(section: str) -> tuple[str, ...]:
+    """A section's keys, each declared alone, but its ``seeds``: adding a seed must not rerun the others."""
+    keys = load_schema()["properties"][section]["properties"]
+    return tuple(f"{section}.{k}" for k in keys if k != "seeds")
+
+
 TABLE = f"{REPORTS}/results"
+# What decides a run's cells (moralign.config.Config.cells): models, recipes, their seeds and base weights
+SUMMARY_SECTIONS = ("experiment", "models", "finetune.quantization", "finetune.seeds", "recipes", "encoder.seeds")
+SEED_ARG = " --seed {seed}"
 
 
-def _score_one_condition(name: str, condition: str, instances: Callable[[Config], list[Instance]]) -> Stage:
-    """A score stage for a condition with no paired baseline (``base`` itself, an encoder's ``trained``)."""
+def _score_stage(
+    name: str, wildcards: tuple[str, ...], instances: Callable[[Config], list[Instance]], cell: str
+) -> Stage:
+    """A score stage of cells without a paired baseline (the base conditions, an encoder's ``trained`` seeds)."""
+    seeded = "seed" in wildcards
     return Stage(
         name=name,
         script="score",
-        wildcards=("dataset", "model"),
+        wildcards=wildcards,
         instances=instances,
-        inputs=lambda cfg: {"data": PROCESSED, "predictions": PREDICTIONS.replace("{condition}", condition)},
+        inputs=lambda cfg: {"data": PROCESSED, "predictions": _cell(PREDICTIONS, cell, "{seed}" if seeded else None)},
         outputs=lambda cfg: {
-            "scores": SCORES.replace("{condition}", condition),
-            "per_item": ITEM_SCORES.replace("{condition}", condition),
+            "scores": _cell(SCORES, cell, "{seed}" if seeded else None),
+            "per_item": _cell(ITEM_SCORES, cell, "{seed}" if seeded else None),
         },
         sections=("score", "experiment.eval_split"),
         args=(
-            f"--dataset {{dataset}} --condition {condition} --data-dir {{input.data}}"
+            f"--dataset {{dataset}} --condition {cell} --data-dir {{input.data}}"
             " --predictions {input.predictions} --out {output.scores} --items {output.per_item}"
+            + (SEED_ARG if seeded else "")
         ),
     )
 
@@ -258,15 +300,15 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="finetune",
         script="finetune",
-        wildcards=("dataset", "model", "recipe"),
-        instances=lambda cfg: _cells(cfg, cfg.tuned, "recipe"),
+        wildcards=("dataset", "model", "recipe", "seed"),
+        instances=_tuned_cells,
         inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL},
         outputs=lambda cfg: {"adapter": ADAPTER},
         folders=("adapter",),
-        sections=("finetune", "recipes.{recipe}", "prompts.{dataset}", "{model_section}"),
+        sections=(*_keys_but_seeds("finetune"), "recipes.{recipe}", "prompts.{dataset}", "{model_section}"),
         args=(
-            "--model {model} --dataset {dataset} --recipe {recipe} --data-dir {input.data} --base {input.base}"
-            " --out {output.adapter}"
+            "--model {model} --dataset {dataset} --recipe {recipe} --seed {seed} --data-dir {input.data}"
+            " --base {input.base} --out {output.adapter}"
         ),
         device_section="finetune",
         threads_section="finetune",
@@ -274,29 +316,31 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="train_encoder",
         script="train_encoder",
-        wildcards=("dataset", "model"),
-        instances=lambda cfg: [
-            {"dataset": d, **_model_instance(m)} for d in cfg.datasets for m in _encoder_models(cfg)
-        ],
+        wildcards=("dataset", "model", "seed"),
+        instances=_encoder_cells,
         inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL},
         outputs=lambda cfg: {"encoder": ENCODER},
         folders=("encoder",),
-        sections=("encoder", "{model_section}"),
-        args="--model {model} --dataset {dataset} --data-dir {input.data} --base {input.base} --out {output.encoder}",
+        sections=(*_keys_but_seeds("encoder"), "{model_section}"),
+        args=(
+            "--model {model} --dataset {dataset} --seed {seed} --data-dir {input.data} --base {input.base}"
+            " --out {output.encoder}"
+        ),
         device_section="encoder",
         threads_section="encoder",
     ),
     Stage(
         name="extract_base",
         script="extract",
-        wildcards=("dataset", "model"),
-        instances=lambda cfg: _cells(cfg, lambda m: [CONDITION_BASE], "condition"),
+        wildcards=("dataset", "model", "condition"),
+        # base: the weights as extract.quantization loads them; base-4bit: the 4-bit base QLoRA recipes train on
+        instances=lambda cfg: _base_cells(cfg, _hf_models),
         inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL},
-        outputs=lambda cfg: {"predictions": PREDICTIONS.replace("{condition}", CONDITION_BASE)},
+        outputs=lambda cfg: {"predictions": _cell(PREDICTIONS, "{condition}")},
         folders=("predictions",),
         sections=("extract", "prompts.{dataset}", "{model_section}"),
         args=(
-            "--model {model} --dataset {dataset} --condition base --data-dir {input.data} --base {input.base}"
+            "--model {model} --dataset {dataset} --condition {condition} --data-dir {input.data} --base {input.base}"
             " --out-dir {output.predictions}"
         ),
         device_section="extract",
@@ -306,15 +350,16 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="extract_tuned",
         script="extract",
-        wildcards=("dataset", "model", "recipe"),
-        instances=lambda cfg: _cells(cfg, cfg.tuned, "recipe"),
+        wildcards=("dataset", "model", "recipe", "seed"),
+        # on the base weights the adapter was trained on (4-bit for QLoRA: read from the adapter's metadata)
+        instances=_tuned_cells,
         inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL, "adapter": ADAPTER},
-        outputs=lambda cfg: {"predictions": PREDICTIONS.replace("{condition}", "{recipe}")},
+        outputs=lambda cfg: {"predictions": _cell(PREDICTIONS, "{recipe}", "{seed}")},
         folders=("predictions",),
         sections=("extract", "prompts.{dataset}", "{model_section}"),
         args=(
             "--model {model} --dataset {dataset} --condition {recipe} --data-dir {input.data} --base {input.base}"
-            " --adapter {input.adapter} --out-dir {output.predictions}"
+            " --adapter {input.adapter} --base-quantization {quantization} --out-dir {output.predictions}"
         ),
         device_section="extract",
         threads_section="extract",
@@ -323,10 +368,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="extract_trained",
         script="extract",
-        wildcards=("dataset", "model"),
+        wildcards=("dataset", "model", "seed"),
         instances=_encoder_cells,
         inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL, "encoder": ENCODER},
-        outputs=lambda cfg: {"predictions": PREDICTIONS.replace("{condition}", CONDITION_TRAINED)},
+        outputs=lambda cfg: {"predictions": _cell(PREDICTIONS, CONDITION_TRAINED, "{seed}")},
         folders=("predictions",),
         # no prompt: the encoder reads the item's text, truncated as in training (recorded in its folder)
         sections=("extract", "{model_section}"),
@@ -344,7 +389,7 @@ STAGES: tuple[Stage, ...] = (
         wildcards=("dataset", "model"),
         instances=_api_cells,
         inputs=lambda cfg: {"data": PROCESSED},
-        outputs=lambda cfg: {"predictions": PREDICTIONS.replace("{condition}", CONDITION_BASE)},
+        outputs=lambda cfg: {"predictions": _cell(PREDICTIONS, CONDITION_BASE)},
         folders=("predictions",),
         sections=("extract", "prompts.{dataset}", "{model_section}"),
         args=(
@@ -355,28 +400,30 @@ STAGES: tuple[Stage, ...] = (
         # one API job at a time shares the endpoint's rate limit; requests within a job run concurrently
         resources=(("openai_api", 1),),
     ),
-    _score_one_condition("score_base", CONDITION_BASE, _base_cells),
+    _score_stage("score_base", ("dataset", "model", "condition"), _base_cells, "{condition}"),
     Stage(
         name="score_tuned",
         script="score",
-        wildcards=("dataset", "model", "recipe"),
-        instances=lambda cfg: _cells(cfg, cfg.tuned, "recipe"),
+        wildcards=("dataset", "model", "recipe", "seed"),
+        instances=_tuned_cells,
         inputs=lambda cfg: {
             "data": PROCESSED,
-            "predictions": PREDICTIONS.replace("{condition}", "{recipe}"),
-            "baseline": PREDICTIONS.replace("{condition}", CONDITION_BASE),
+            "predictions": _cell(PREDICTIONS, "{recipe}", "{seed}"),
+            # the base condition on the weights the recipe trained on (base-4bit beside QLoRA)
+            "baseline": _cell(PREDICTIONS, "{baseline}"),
         },
         outputs=lambda cfg: {
-            "scores": SCORES.replace("{condition}", "{recipe}"),
-            "per_item": ITEM_SCORES.replace("{condition}", "{recipe}"),
+            "scores": _cell(SCORES, "{recipe}", "{seed}"),
+            "per_item": _cell(ITEM_SCORES, "{recipe}", "{seed}"),
         },
         sections=("score", "experiment.eval_split"),
         args=(
-            "--dataset {dataset} --condition {recipe} --data-dir {input.data} --predictions {input.predictions}"
-            " --baseline {input.baseline} --out {output.scores} --items {output.per_item}"
+            "--dataset {dataset} --condition {recipe} --seed {seed} --data-dir {input.data}"
+            " --predictions {input.predictions} --baseline {input.baseline} --out {output.scores}"
+            " --items {output.per_item}"
         ),
     ),
-    _score_one_condition("score_trained", CONDITION_TRAINED, _encoder_cells),
+    _score_stage("score_trained", ("dataset", "model", "seed"), _encoder_cells, CONDITION_TRAINED),
     Stage(
         name="references",
         script="references",
@@ -393,7 +440,9 @@ STAGES: tuple[Stage, ...] = (
         wildcards=(),
         instances=lambda cfg: [{"reports": REPORTS.format(run=cfg.run)}],
         inputs=lambda cfg: {
-            "scores": [SCORES.format(run="{run}", dataset=d, model=m, condition=c) for d, m, c in cfg.cells()],
+            "scores": [p for d in cfg.datasets for p in _run_cells(cfg, SCORES, d)],
+            # per-item metrics of every cell: the table's means over seeds resample seeds and items together
+            "per_item": [p for d in cfg.datasets for p in _run_cells(cfg, ITEM_SCORES, d)],
             "references": [REFERENCES.format(run="{run}", dataset=d) for d in cfg.datasets],
         },
         outputs=lambda cfg: {
@@ -403,7 +452,7 @@ STAGES: tuple[Stage, ...] = (
             "differences": f"{REPORTS}/differences.csv",
             "metrics": f"{REPORTS}/metrics.json",
         },
-        sections=("experiment", "models"),
+        sections=(*SUMMARY_SECTIONS, "score"),
         args="--scores {input.scores} {input.references} --out-dir {reports}",
         metrics=("metrics",),
     ),
@@ -419,10 +468,10 @@ STAGES: tuple[Stage, ...] = (
             "results": f"{TABLE}.csv",
             "differences": f"{REPORTS}/differences.csv",
             "data": PROCESSED,
-            "predictions": _plot_predictions(cfg),
+            "predictions": _run_cells(cfg, PREDICTIONS),
         },
         outputs=lambda cfg: {"png": _figures("png"), "pdf": _figures("pdf")},
-        sections=("experiment", "models"),
+        sections=SUMMARY_SECTIONS,
         args=(
             "--dataset {dataset} --report-dir {reports} --data-dir {input.data} --predictions {input.predictions}"
             " --out-dir {figures}"
@@ -581,6 +630,23 @@ class Plan:
         """GPUs an instance asks for: one for GPU steps unless the config pins them to the CPU."""
         device = self.device(stage, instance)
         return 0 if device in (None, "cpu") else 1
+
+    def describe(self) -> str:
+        """What a reader of the plan must know that the file list does not say: the base weights of each recipe."""
+        lines = []
+        for recipe in self.cfg.recipes:
+            settings = self.cfg.finetune(recipe)
+            if settings["quantization"] == "4bit":
+                how = "trained and scored on the 4-bit NF4 base (QLoRA); differences against base-4bit"
+            else:
+                how = (
+                    "trained and scored on the full-precision base (finetune.quantization: none"
+                    + ("; 4-bit needs CUDA, so a CPU run falls back to it" if settings["device"] == "cpu" else "")
+                    + "); differences against base"
+                )
+            seeds = ", ".join(str(s) for s in settings["seeds"])
+            lines.append(f"moralign plan: recipe {recipe}: seeds [{seeds}], {how}")
+        return "\n".join(lines)
 
     def targets(self) -> list[str]:
         """Everything a run produces: the table in every format, the DVC metrics file and every figure."""

@@ -3,6 +3,7 @@
 # description of the DAG that dvc.yaml is generated from too.
 import os
 import re
+import sys
 
 from moralign import stages as S
 from moralign.config import load_config, validate, write_resolved
@@ -17,6 +18,8 @@ if validate(config).data != CFG.data:
         f"{CONFIG_FILES}: --config KEY=VALUE overrides are not passed to the steps; put them in an overlay file"
     )
 PLAN = S.Plan(CFG)
+# the base weights and seeds of the fine-tuned cells, said where the plan is read (dry runs included)
+print(PLAN.describe(), file=sys.stderr)
 # Steps read the merged configuration from one stable file (rewritten only when its content changes).
 CONFIG_ARG = str(write_resolved(CFG, f".snakemake/moralign/{CFG.run}.config.yaml"))
 

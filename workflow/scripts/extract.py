@@ -4,7 +4,8 @@ Examples:
     python workflow/scripts/extract.py --config params.yaml --model zephyr-7b-beta --dataset dilemmas \
         --condition base --data-dir data/paper/processed/dilemmas --base models/paper/base/zephyr-7b-beta \
         --out-dir results/paper/predictions/dilemmas/zephyr-7b-beta/base
-    # a fine-tuned condition adds --adapter models/paper/adapters/dilemmas/zephyr-7b-beta/soft
+    # a fine-tuned condition adds --adapter models/paper/adapters/dilemmas/zephyr-7b-beta/soft/seed-0 and
+    # --base-quantization 4bit (the base it was trained on, checked against the adapter's metadata)
     # an API model (backend openai) takes --cache-dir cache/openai instead of --base; --dry-run states the
     # requests, estimated prompt tokens and cost without sending anything:
     python workflow/scripts/extract.py --config params.yaml --model gpt-4o --dataset dilemmas --condition base \
@@ -28,6 +29,11 @@ def main(argv=None):
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--base", type=Path, help="folder of the base model (fetch_model's output; local models)")
     p.add_argument("--adapter", type=Path, help="adapter folder (fine-tuned conditions)")
+    p.add_argument(
+        "--base-quantization",
+        choices=["none", "4bit"],
+        help="the base weights an adapter was trained on, as planned (an adapter trained otherwise is an error)",
+    )
     p.add_argument("--cache-dir", type=Path, help="response cache of API models (outside the declared outputs)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (requests, tokens, cost) and stop")
     args = p.parse_args(argv)
@@ -43,6 +49,7 @@ def main(argv=None):
         args.adapter,
         args.cache_dir,
         args.dry_run,
+        args.base_quantization,
     )
     if args.dry_run:
         print(json.dumps(plan, indent=2, sort_keys=True))

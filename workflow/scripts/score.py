@@ -1,12 +1,12 @@
-"""Every metric, with bootstrap intervals, of one (model, dataset, condition) cell.
+"""Every metric, with bootstrap intervals, of one (model, dataset, condition, seed) cell.
 
 Example:
     python workflow/scripts/score.py --config params.yaml --dataset dilemmas --condition soft \
         --data-dir data/paper/processed/dilemmas \
-        --predictions results/paper/predictions/dilemmas/zephyr-7b-beta/soft \
-        --baseline results/paper/predictions/dilemmas/zephyr-7b-beta/base \
-        --out results/paper/scores/dilemmas/zephyr-7b-beta/soft.json \
-        --items results/paper/scores/dilemmas/zephyr-7b-beta/soft.items.parquet
+        --seed 0 --predictions results/paper/predictions/dilemmas/zephyr-7b-beta/soft/seed-0 \
+        --baseline results/paper/predictions/dilemmas/zephyr-7b-beta/base-4bit \
+        --out results/paper/scores/dilemmas/zephyr-7b-beta/soft/seed-0.json \
+        --items results/paper/scores/dilemmas/zephyr-7b-beta/soft/seed-0.items.parquet
 """
 
 from pathlib import Path
@@ -19,6 +19,7 @@ def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--dataset", required=True)
     p.add_argument("--condition", required=True)
+    p.add_argument("--seed", type=int, help="training seed of a trained cell (none for a base condition)")
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--predictions", required=True, type=Path)
     p.add_argument("--baseline", type=Path, help="base-condition predictions, for paired differences")
@@ -34,6 +35,7 @@ def main(argv=None):
         args.out,
         args.items,
         args.baseline,
+        args.seed,
     )
 
 

@@ -19,7 +19,7 @@ def main(argv=None):
     cells = cfg.cells()
     check_scores(args.scores, cells, cfg["experiment"]["eval_split"], {m: cfg.model(m) for m in cfg.models})
     cells, refs = tables.collect_scores(args.scores, cells)
-    tables.tabulate(cells, refs, args.out_dir)
+    tables.tabulate(cells, refs, args.out_dir, cfg["score"], cfg.comparisons())
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ class CellInputs:
     base_dir: Path | None = None
     adapter_dir: Path | None = None
     cache_dir: Path | None = None
+    # the base weights the plan scores an adapter on ("none" or "4bit": those it was trained on)
+    base_quantization: str | None = None
 
 
 def backend_module(backend: str) -> str:

@@ -7,13 +7,15 @@ binary items are also scored with their two options exchanged and the two distri
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from moralign import extraction as ex
-from moralign.config import Config
-from moralign.io import environment
+from moralign.config import CONDITION_BASE_4BIT, Config
+from moralign.errors import DataError
+from moralign.io import environment, read_json
 from moralign.predictors import CellInputs, Predictor
 from moralign.prompts import EncodedPrompt, PromptBuilder, swap_options
 
@@ -78,12 +80,40 @@ class HFPredictor(Predictor):
         )
 
 
+def training_log(adapter_dir: Path) -> dict[str, Any]:
+    """The adapter's ``metadata.json`` (written by finetune), or an error naming the folder."""
+    from moralign.modelfiles import TRAINING_LOG
+
+    path = Path(adapter_dir) / TRAINING_LOG
+    if not path.is_file():
+        raise DataError(f"{path}: no training log; an adapter scored here must come from the finetune step")
+    return read_json(path)
+
+
+def base_quantization(settings: dict[str, Any], condition: str, adapter_dir: Path | None) -> str:
+    """The base weights a cell is scored on: a fine-tuned cell's are those it was TRAINED on (its metadata says).
+
+    ``base`` loads the base as ``extract.quantization`` says (the paper's base numbers are bf16); ``base-4bit`` is
+    the 4-bit NF4 base QLoRA recipes train on, the baseline of their differences. Scoring a QLoRA adapter on a
+    bf16 base would mix the adapter's effect with an unmeasured change of the base weights.
+    """
+    if adapter_dir is not None:
+        return training_log(adapter_dir)["hyperparameters"]["quantization"]
+    return "4bit" if condition == CONDITION_BASE_4BIT else settings["quantization"]
+
+
 def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> HFPredictor:
     """Load the cell's base model (and adapter) from the folders fetch_model and finetune wrote."""
     from moralign.modelfiles import base_identity, check_adapter, check_model_folder, trained_identity
     from moralign.modeling import configure_torch, load_model, load_tokenizer, resolve_device, resolve_dtype
 
-    settings = cfg["extract"]
+    quantization = base_quantization(cfg["extract"], condition, inputs.adapter_dir)
+    if inputs.base_quantization is not None and inputs.base_quantization != quantization:
+        raise DataError(
+            f"{inputs.adapter_dir}: trained on a base with quantization {quantization!r}, but the plan scores it on "
+            f"{inputs.base_quantization!r} (finetune.quantization changed since it was trained? rerun finetune)"
+        )
+    settings = {**cfg["extract"], "quantization": quantization}
     check_model_folder(inputs.base_dir, cfg.model(model)["chat_template"])
     if inputs.adapter_dir is not None:
         check_adapter(inputs.adapter_dir, inputs.base_dir)
@@ -98,6 +128,7 @@ def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInp
         model=model,
         base=base_identity(inputs.base_dir),
         adapter=trained_identity(inputs.adapter_dir) if inputs.adapter_dir else None,
+        seed=training_log(inputs.adapter_dir)["hyperparameters"]["seed"] if inputs.adapter_dir else None,
         condition=condition,
         dataset=dataset,
         runtime=runtime,

@@ -29,6 +29,7 @@ def run(
     adapter_dir: Path | None = None,
     cache_dir: Path | None = None,
     dry_run: bool = False,
+    base_quantization: str | None = None,
 ) -> dict[str, Any]:
     """Write ``<split>.parquet`` (resumable shards), ``<split>.prompts.txt`` and ``summary.json`` to ``out_dir``.
 
@@ -36,7 +37,7 @@ def run(
     nothing else happens.
     """
     settings = cfg["extract"]
-    inputs = predictors.CellInputs(data_dir, base_dir, adapter_dir, cache_dir)
+    inputs = predictors.CellInputs(data_dir, base_dir, adapter_dir, cache_dir, base_quantization)
     predictor = predictors.build(cfg, model, dataset, condition, inputs)
     frames = {split: pd.read_parquet(data_dir / f"{split}.parquet") for split in settings["splits"]}
     if settings["max_items"]:

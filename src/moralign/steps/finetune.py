@@ -20,13 +20,15 @@ from moralign.prompts import EncodedPrompt, PromptBuilder
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base_dir: Path, out_dir: Path) -> None:
-    """Write the adapter and its ``metadata.json`` to ``out_dir``; checkpoints live beside it until the end."""
+def run(
+    cfg: Config, model: str, dataset: str, recipe: str, data_dir: Path, base_dir: Path, out_dir: Path, seed: int = 0
+) -> None:
+    """Write the adapter trained with ``seed`` and its ``metadata.json`` to ``out_dir``; checkpoints live beside it."""
     import torch
 
     from moralign.modeling import configure_torch, load_model, load_tokenizer, resolve_device
 
-    settings = cfg.finetune(recipe)
+    settings = {**cfg.finetune(recipe), "seed": seed}
     check_model_folder(base_dir, cfg.model(model)["chat_template"])
     meta_path = out_dir / "metadata.json"
     fingerprint = digest({"settings": settings, "prompt": cfg.prompt(dataset), "model": cfg.model(model)})

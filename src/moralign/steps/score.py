@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moralign.config import CONDITION_BASE, Config
+from moralign.config import Config
+from moralign.errors import DataError
 from moralign.inputs import check_baseline, check_predictions
 from moralign.io import read_json, write_json, write_parquet
 from moralign.scoring import score_cell
@@ -19,15 +20,20 @@ def run(
     out: Path,
     items: Path,
     baseline_dir: Path | None = None,
+    seed: int | None = None,
 ) -> None:
-    """Write the cell's scores to ``out`` and its per-item metrics to ``items``."""
+    """Write the cell's scores to ``out`` and its per-item metrics to ``items``; ``seed``: a trained cell's."""
     split = cfg["experiment"]["eval_split"]
     splits = [split, "dev"]  # dev: the temperature and concentration are fitted there
     check_predictions(pred_dir, data_dir, dataset, splits, condition=condition)
     if baseline_dir is not None:
-        check_predictions(baseline_dir, data_dir, dataset, splits, condition=CONDITION_BASE)
+        check_predictions(baseline_dir, data_dir, dataset, splits)
         check_baseline(pred_dir, baseline_dir, splits)
     result, per_item = score_cell(pred_dir, data_dir, split, cfg["score"], baseline_dir)
-    result.update(split=split, condition=condition, provenance=read_json(pred_dir / "summary.json")["provenance"])
+    provenance = read_json(pred_dir / "summary.json")["provenance"]
+    trained_with = provenance.get("seed")
+    if seed is not None and trained_with is not None and trained_with != seed:
+        raise DataError(f"{pred_dir}: predictions of a model trained with seed {trained_with}, not {seed}")
+    result.update(split=split, condition=condition, seed=seed, provenance=provenance)
     write_json(out, result)
     write_parquet(items, per_item)

@@ -17,13 +17,13 @@ from moralign.modelfiles import base_identity, check_model_folder
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, model: str, dataset: str, data_dir: Path, base_dir: Path, out_dir: Path) -> None:
-    """Write the trained encoder (weights, tokenizer, ``metadata.json``) to ``out_dir``; checkpoints live beside it."""
+def run(cfg: Config, model: str, dataset: str, data_dir: Path, base_dir: Path, out_dir: Path, seed: int = 0) -> None:
+    """Write the encoder trained with ``seed`` (weights, tokenizer, ``metadata.json``) to ``out_dir``; resumable."""
     import torch
 
     from moralign.modeling import configure_torch, load_tokenizer, resolve_device, resolve_dtype
 
-    settings = cfg["encoder"]
+    settings = {**cfg["encoder"], "seed": seed}
     check_model_folder(base_dir, chat_template=False)
     frames = {split: pd.read_parquet(data_dir / f"{split}.parquet") for split in ("train", "dev")}
     fingerprint = digest(
