@@ -843,3 +843,28 @@ def test_trained_identity_is_its_weights_and_config_not_its_training_log(tmp_pat
     (folder / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj", "v_proj"], "r": 8}))
     canonicalize_adapter_config(folder)
     assert trained_identity(folder) == again
+
+
+def test_a_tuned_cell_is_compared_with_the_base_it_was_trained_on(tmp_path, processed):
+    """A QLoRA cell (scored on the 4-bit base) is paired with base-4bit, never with the bf16 base."""
+    data = processed["dilemmas"]
+    bf16 = _predictions(tmp_path / "base", data, "dilemmas", quantization="none", dtype="bfloat16")
+    nf4 = _predictions(tmp_path / "base-4bit", data, "dilemmas", condition="base-4bit", quantization="4bit")
+    tuned = _predictions(tmp_path / "soft", data, "dilemmas", condition="soft", quantization="4bit")
+    check_baseline(tuned, nf4, ["dev", "test"])
+    with pytest.raises(DataError, match=r"base: quantization 'none' differs from .*soft's '4bit'"):
+        check_baseline(tuned, bf16, ["dev", "test"])
+
+
+def test_an_adapter_is_scored_on_the_base_weights_it_was_trained_on(tmp_path):
+    from moralign.predictors.hf import base_quantization
+
+    adapter = _adapter(tmp_path / "adapter")
+    meta = json.loads((adapter / "metadata.json").read_text())
+    (adapter / "metadata.json").write_text(json.dumps({**meta, "hyperparameters": {"quantization": "4bit"}}))
+    extract = {"quantization": "none"}
+    assert base_quantization(extract, "soft", adapter) == "4bit"  # whatever extract.quantization says
+    assert base_quantization(extract, "base-4bit", None) == "4bit"
+    assert base_quantization(extract, "base", None) == "none"
+    with pytest.raises(DataError, match="no training log"):
+        base_quantization(extract, "soft", _adapter(tmp_path / "foreign", weights=None))

@@ -27,18 +27,28 @@ def snakemake_jobs(cwd, *args):
 def test_paper_plan_without_network():
     jobs = snakemake_jobs(ROOT)
     counts = pd.Series([r for r, _ in jobs]).value_counts()
-    # 3 local models x 2 datasets: a base and 2 tuned extraction cells each, 2 fine-tuning jobs each; GPT-4o: base only;
-    # BERT-large and RoBERTa-large: one trained encoder per dataset, its extraction and score, no base row
-    assert counts["extract_base"] == 6 and counts["extract_tuned"] == 12 and counts["finetune"] == 12
-    assert counts["extract_api"] == 2 and counts["score_base"] == 8 and counts["score_tuned"] == 12
-    assert counts["train_encoder"] == 4 and counts["extract_trained"] == 4 and counts["score_trained"] == 4
+    # 3 local models x 2 datasets: the base on bf16 and on the 4-bit weights QLoRA trains on, and per recipe and
+    # seed (3) one adapter and one tuned cell; GPT-4o: base only; BERT-large and RoBERTa-large: one trained encoder
+    # per dataset and seed, its extraction and score, no base row
+    assert counts["extract_base"] == 12 and counts["extract_tuned"] == 36 and counts["finetune"] == 36
+    assert counts["extract_api"] == 2 and counts["score_base"] == 14 and counts["score_tuned"] == 36
+    assert counts["train_encoder"] == 12 and counts["extract_trained"] == 12 and counts["score_trained"] == 12
+    adapters = {o for r, outs in jobs if r == "finetune" for o in outs}
+    assert len(adapters) == 36 and "models/paper/adapters/dilemmas/zephyr-7b-beta/soft/seed-2" in adapters
     assert counts["fetch_model"] == 5 and counts["download"] == 2 and "build_model" not in counts
     api = [outs for rule, outs in jobs if rule in ("extract_api", "finetune", "extract_tuned") and "gpt-4o" in outs[0]]
     assert len(api) == 2, api  # no fine-tuning of an API model
     encoders = {(r, o) for r, outs in jobs for o in outs if "bert-large-uncased" in o or "roberta-large" in o}
     assert {r for r, _ in encoders} == {"fetch_model", "train_encoder", "extract_trained", "score_trained"}
     assert all("/base/" not in o for r, o in encoders if r != "fetch_model")  # no base row of an encoder
-    plan = run(["snakemake", "-n", "--forceall"], ROOT).stdout
+    proc = run(["snakemake", "-n", "-p", "--forceall"], ROOT)
+    plan = proc.stdout
+    # QLoRA recipes: tuned cells scored on the 4-bit base they trained on, compared with the base on it too
+    tuned = [line for line in plan.splitlines() if "extract.py" in line and "--adapter" in line]
+    assert len(tuned) == 36 and all("--base-quantization 4bit" in line for line in tuned)
+    scored = [line for line in plan.splitlines() if "score.py" in line and "--baseline" in line]
+    assert len(scored) == 36 and all(line.split("--baseline ")[1].split()[0].endswith("/base-4bit") for line in scored)
+    assert "recipe soft: seeds [0, 1, 2], trained and scored on the 4-bit NF4 base" in proc.stderr
     gpu_rules, rule = set(), None
     for line in plan.splitlines():
         s = line.strip()
@@ -87,7 +97,8 @@ def test_demo_produces_the_table(demo_run):
     tex = (reports / "results.tex").read_text()
     assert "\\toprule" in tex and "\\textbf{" in tex
     diffs = pd.read_csv(reports / "differences.csv")
-    assert len(diffs) == 2 * 2 * 2 * len(METRICS) and not diffs[["value", "low", "high"]].isna().any().any()
+    # datasets x LMs x (votes - base, soft - base, soft - votes)
+    assert len(diffs) == 2 * 2 * 3 * len(METRICS) and not diffs[["value", "low", "high"]].isna().any().any()
     for dataset in ("anecdotes", "dilemmas"):
         for kind in FIGURES:
             png, pdf = reports / f"figures/{dataset}_{kind}.png", reports / f"figures/{dataset}_{kind}.pdf"
@@ -99,7 +110,8 @@ def test_demo_produces_the_table(demo_run):
 
 @pytest.mark.slow
 def test_demo_fine_tuning_learns_the_planted_signal(demo_run):
-    """Both recipes lower xentropy and dirichlet on dev and test, for both architectures and datasets."""
+    """Both recipes lower xentropy and dirichlet on dev and test, for both architectures and datasets, and say the
+    answer: coverage >= 0.9 on test (the soft recipe's objective counts the mass off the answers)."""
     from moralign.data import counts_matrix
     from moralign.metrics import dirichlet, xentropy
 
@@ -111,7 +123,10 @@ def test_demo_fine_tuning_learns_the_planted_signal(demo_run):
             scores = {}
             for model in ("tiny-llama", "tiny-mistral"):
                 for condition in ("base", "votes", "soft"):
-                    pred = pd.read_parquet(root / f"{dataset}/{model}/{condition}/{split}.parquet")
+                    cell = condition if condition == "base" else f"{condition}/seed-0"
+                    pred = pd.read_parquet(root / f"{dataset}/{model}/{cell}/{split}.parquet")
+                    if condition != "base" and split == "test":
+                        assert pred["coverage"].mean() >= 0.9, (dataset, model, condition, pred["coverage"].mean())
                     assert list(pred["id"]) == list(gold["id"])
                     logp = np.log(np.stack(pred["p"].to_numpy()))
                     h = counts / counts.sum(1, keepdims=True)
