@@ -18,7 +18,7 @@ last one by a Trainer callback (dev evaluation and checkpoints come after it).
 Printed per variant: optimiser steps/s; prompt tokens/s (the tokens of the training prompts, what sets the
 wall time of a run); MFU = 6·N·(tokens the model computed: the shared prefix once per micro-batch) / time / peak,
 N = 7.50e9 (every weight matrix but the input embedding; the head runs on one position per row, so this
-overstates the work by 7 %), the convention the figures in shared/device.md use. Backward through a frozen
+overstates the work by 7 %), the convention of the GPU figures in docs/performance.md. Backward through a frozen
 base computes activation gradients but no weight gradients (~4·N per token of real work), and recomputation
 under gradient checkpointing (~2·N more) is NOT counted: MFU counts model FLOPs, not hardware FLOPs. Peak GPU
 memory is torch's max allocated.

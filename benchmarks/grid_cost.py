@@ -1,6 +1,6 @@
 """What the paper grid costs in GPU-hours on one H100-class GPU, from measured throughput and the split sizes.
 
-    python benchmarks/grid_cost.py                   # the Markdown table of README "What the paper grid costs"
+    python benchmarks/grid_cost.py                   # the table of docs/performance.md, "What the paper grid costs"
     python benchmarks/grid_cost.py --config params.yaml other.yaml
 
 The grid is the configuration's (LoRA-tuned models x datasets x {base + recipes}; API models cost no GPU time and
@@ -15,7 +15,7 @@ votes_per_item, quantization) and `extract` settings (splits, debias). Everythin
   and shortened to finetune.max_length for training); dilemmas median 105, sigma 0.15 (two actions of a dozen
   words each in the same template). Every prompt opens with the same 50-token chat header (Llama 3.1's system
   turn with its date lines and the system text), which the trainer computes once per micro-batch.
-* Throughput: measured on one H200 at the exact Llama-3.1-8B shape at commit 7e99624 (shared/device.md).
+* Throughput: measured on one H200 at the exact Llama-3.1-8B shape at commit 7e99624 (docs/performance.md).
   "old loop": the fine-tuning step then (4 rows x 512 tokens, gradient checkpointing, the `votes` recipe as
   votes_per_item rows per item, fixed batches of rows): QLoRA 2,942 tokens/s, bf16 LoRA 4,477. "this loop":
   what the present trainer is expected to run at, taken from the same measurements without gradient
@@ -50,7 +50,7 @@ SPLITS = {
 LENGTHS = {"anecdotes": (420, 0.45), "dilemmas": (105, 0.15)}
 SHARED_HEADER = 50
 EXTRACT_CLIP = 2048
-MEASURED = {  # tokens/s on one H200, Llama-3.1-8B shape, commit 7e99624 (shared/device.md)
+MEASURED = {  # tokens/s on one H200, Llama-3.1-8B shape, commit 7e99624 (docs/performance.md)
     "old": {"4bit": 2942, "none": 4477},
     "new": {"4bit": 7053 * 0.97, "none": 9168},
     "extract": 28894,
@@ -109,7 +109,7 @@ def extract_hours(dataset: str, extract: dict) -> float:
 
 
 def table(cfg) -> str:
-    """The README table: GPU-hours per cell and in total, old loop and this one."""
+    """The table of docs/performance.md: GPU-hours per cell and in total, old loop and this one."""
     # LoRA-tuned chat models; API models cost no GPU time, and the encoder baselines (minutes per cell; see
     # benchmarks/gpu_encoder.py) are not in this table.
     local = [m for m in cfg.models if cfg.backend(m) == "hf"]

@@ -1,10 +1,13 @@
 """Check the prior fit, BEST, the Dirichlet score and the reference rows on the real Scruples dev vote counts.
 
-Not a test: it reads ../shared/reference/ (the Scruples dev label counts), which users do not have.
+Not a test: it needs the Scruples dev label counts folder, which is not part of this repository: the real v1.0
+dev vote counts without text, as allenai/scruples ships them for its BEST estimator, in
+`<folder>/scruples-dev-label-counts/{anecdotes,dilemmas}-dev-label-counts.json`.
 
-    python benchmarks/validate_reference.py [--reference ../shared/reference]
+    python benchmarks/validate_reference.py --reference <folder>
 
-Besides the independent figures of design.md §5 it shows, on the real counts and on demo-like synthetic counts:
+Besides the independent figures of docs/design.md ("Check values") it shows, on the real counts and on demo-like
+synthetic counts:
 
 * where BEST is a floor: the oracle that predicts each item's posterior-drawn true distribution p, against the
   same oracle flattened or sharpened (p^(1/T), renormalised). For xentropy T = 1 is the minimum (BEST is a floor);
@@ -23,7 +26,7 @@ from scipy.special import log_softmax
 
 from moralign import metrics, references, sample
 
-# Figures of an independent implementation (design.md §5).
+# Figures of an independent implementation (docs/design.md, "Check values").
 EXPECTED = {
     "anecdotes": {"alpha": [0.503, 1.547, 0.193, 0.317, 0.166], "xentropy": 0.734, "accuracy": 0.881},
     "dilemmas": {"alpha": [0.978, 0.949], "xentropy": 0.494, "accuracy": 0.849, "dirichlet_uniform": 3.126},
@@ -77,7 +80,12 @@ def demo_like(archive: str, n: int = 200, seed: int = 0) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", type=Path, default=Path(__file__).resolve().parents[2] / "shared/reference")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        required=True,
+        help="the Scruples dev label counts folder (holding scruples-dev-label-counts/)",
+    )
     parser.add_argument("--samples", type=int, default=400)
     args = parser.parse_args()
     folder = args.reference / "scruples-dev-label-counts"
