@@ -3,7 +3,7 @@
 On one machine a cell's files depend only on the configuration (the steps set torch's thread count themselves
 and use deterministic algorithms), so a run with another --cores rebuilds the same bytes. A different thread
 count is a different computation (sums split differently): its numbers must stay within the tolerance the
-README states for rebuilding a cell elsewhere.
+docs/reproducibility.md states for rebuilding a cell elsewhere.
 """
 
 import json
@@ -16,7 +16,7 @@ from tests.conftest import copy_repo, run
 
 pytestmark = pytest.mark.slow
 
-# README, "Reproducibility": a cell rebuilt with another thread count (or on another CPU) stays within this of
+# docs/reproducibility.md: a cell rebuilt with another thread count (or on another CPU) stays within this of
 # the original, for every metric of the table.
 TOLERANCE = 0.01
 

@@ -1,6 +1,6 @@
 """Next-token probability extraction: one forward pass per prompt, every answer variant summed.
 
-For each prompt and choice j (design.md §3):
+For each prompt and choice j (docs/design.md, "Extraction"):
 
 * ``logp_choice[j] = logsumexp_{v in variants(j)} log_softmax(logits)[v]`` over the full vocabulary;
 * ``coverage = sum_j exp(logp_choice[j])``, the mass on valid answers (reported, never hidden);

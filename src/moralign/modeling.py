@@ -17,8 +17,8 @@ def configure_torch(threads: int, device: torch.device) -> dict[str, Any]:
     """Make this process's numbers depend on the configuration only; returns what determines them (provenance).
 
     The thread count is set here from the config, never inherited from the orchestrator or the machine: on a CPU,
-    reductions split over threads round differently, so the count is part of the result (README,
-    "Reproducibility"). Deterministic algorithms are required on the CPU; on CUDA, cuBLAS needs a fixed workspace
+    reductions split over threads round differently, so the count is part of the result (docs/reproducibility.md).
+    Deterministic algorithms are required on the CPU; on CUDA, cuBLAS needs a fixed workspace
     for them and a few kernels have no deterministic version (those warn instead of failing).
     """
     import os
