@@ -1,7 +1,8 @@
 """LoRA / QLoRA fine-tuning toward human vote distributions, through trl's SFTTrainer.
 
-Two recipes (docs/design.md, "Fine-tuning"), both on prompts rendered and tokenized exactly as extraction does (both call
-``moralign.prompts.PromptBuilder.encode``: one BOS where due, over-long items shortened inside the template):
+Two recipes (docs/design.md, "Fine-tuning"), both on prompts rendered and tokenized exactly as extraction does
+(both call ``moralign.prompts.PromptBuilder.encode``: one BOS where due, over-long items shortened inside the
+template):
 
 * ``votes`` — the paper's text-to-text SFT: prompt -> answer, the loss being the negative log-likelihood of the
   answer tokens. Each training item gets ``votes_per_item`` = K answers drawn from its vote distribution by
@@ -68,8 +69,8 @@ from moralign.prompts import EncodedPrompt, PromptBuilder, encode_text
 log = logging.getLogger(__name__)
 
 # Activation memory of training without gradient checkpointing, in bytes per token per (layer x hidden unit):
-# the slope of the peak memory measured at the Llama-3.1-8B shape on an H200 (docs/performance.md, "Measured on a GPU"; commit 7e99624,
-# LoRA on all linear layers, loss at the answer position): bf16 base 57 -> 98 GiB from 4,096 to 8,192 tokens
+# the slope of the peak memory measured at the Llama-3.1-8B shape on an H200 (docs/performance.md, "Measured on a
+# GPU"; commit 7e99624, LoRA on all linear layers, loss at the answer position): bf16 base 57 -> 98 GiB from 4,096 to 8,192 tokens
 # (82 B); 4-bit base (QLoRA keeps norms, embeddings and head in fp32) 134 GiB at 8,192 tokens over ~10 GiB of
 # weights (124 B). Rounded up.
 ACTIVATION_BYTES = {"bf16": 84, "4bit": 128}

@@ -1,7 +1,8 @@
 """Predictors: the ways of turning the items of one split into a model's distribution over the answers.
 
 A predictor is built once per (model, dataset, condition) cell and, for any slice of a split's items, returns
-the predictions frame every later step reads (docs/design.md, "Prediction files"): ``id, logp_choice, coverage, p, n_prompt_tokens``.
+the predictions frame every later step reads (docs/design.md, "Prediction files"): ``id, logp_choice, coverage,
+p, n_prompt_tokens``.
 Its ``provenance`` (model identity, template hash, dtype, library versions, ...) goes into every prediction file.
 
 A backend is one module of this package with a ``build(...)`` function (``hf``: local causal LMs, with or
