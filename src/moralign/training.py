@@ -71,8 +71,8 @@ log = logging.getLogger(__name__)
 # Activation memory of training without gradient checkpointing, in bytes per token per (layer x hidden unit):
 # the slope of the peak memory measured at the Llama-3.1-8B shape on an H200 (docs/performance.md, "Measured on a
 # GPU"; commit 7e99624, LoRA on all linear layers, loss at the answer position): bf16 base 57 -> 98 GiB from 4,096
-# to 8,192 tokens (82 B); 4-bit base (QLoRA keeps norms, embeddings and head in fp32) 134 GiB at 8,192 tokens over ~10 GiB of
-# weights (124 B). Rounded up.
+# to 8,192 tokens (82 B); 4-bit base (QLoRA keeps norms, embeddings and head in fp32) 134 GiB at 8,192 tokens
+# over ~10 GiB of weights (124 B). Rounded up.
 ACTIVATION_BYTES = {"bf16": 84, "4bit": 128}
 # Below this many tokens per micro-batch an 8B-shape step stops filling the GPU (8 x 512 tokens reached 40.5 %
 # MFU there, 16 x 512 41.7 %): ``memory_plan`` shrinks the budget down to it before it turns recomputation on.
