@@ -212,9 +212,14 @@ def differences_figure(
     out_stem: Path,
     metric_names: tuple[str, ...] = ("xentropy", "dirichlet", "total_variation"),
 ) -> list[Path]:
-    """Fine-tuned − base on the same items, with paired-bootstrap 95 % intervals (left of 0 = better)."""
+    """Fine-tuned − its base on the same items (seed-paired), with 95 % intervals (left of 0 = better for ↓).
+
+    Only the effects of fine-tuning (a recipe against its base); recipe-against-recipe rows stay in the table.
+    """
     plt = _plt()
     d = diffs[(diffs["dataset"] == dataset) & diffs["metric"].isin(metric_names)]
+    if "baseline" in d:
+        d = d[d["baseline"].str.startswith("base")]
     fig, axes = plt.subplots(
         1,
         len(metric_names),
@@ -224,7 +229,7 @@ def differences_figure(
     )
     rows = list(dict.fromkeys(zip(d["model"], d["condition"], strict=True)))
     for ax, metric in zip(axes[0], metric_names, strict=True):
-        sub = d[d["metric"] == metric].set_index(["model", "condition"])
+        sub = d[d["metric"] == metric].set_index(["model", "condition"]).sort_index()
         for y, key in enumerate(rows):
             if key not in sub.index:
                 continue
