@@ -21,7 +21,7 @@ From the top-k log-probabilities to a distribution over the answers (:func:`answ
   Either way no item gets p = 0 and an infinite cross-entropy. ``censored`` lists which answers were censored.
   With ``extract.debias: swap`` these columns combine the two prompt orders (``logp_bound`` is the first order's),
   and ``logp_choice_by_order``, ``censored_by_order``, ``logp_bound_by_order`` keep each order's own, in the
-  task's choice order, so that p can be re-derived under other treatments;
+  task's choice order: moralign.censoring re-derives p from them under other treatments;
 * the API's ``-9999`` ("not among the top 20") counts as absent, positions with empty ``top_logprobs`` are
   skipped, and a refusal or a response with no candidates at all gets coverage 0, a uniform ``p`` and a
   ``status`` that says so (``ok``, ``no_answer``, ``refusal``, ``no_logprobs``).
@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moralign.censoring import TREATMENTS
 from moralign.config import Config
 from moralign.extraction import _matches
 from moralign.io import environment
@@ -67,7 +68,8 @@ log = logging.getLogger(__name__)
 
 # The API reports -9999.0 for a token "very unlikely" (outside the top 20): no information, not a value.
 NOT_RETURNED = -9999.0
-CENSORED_TREATMENTS = {"bound": 0.0, "half_bound": math.log(0.5)}  # added to logp_bound
+# The choices of models.*.openai.censored: log(fraction of the bound), added to logp_bound.
+CENSORED_TREATMENTS = {name: TREATMENTS[name] for name in ("bound", "half_bound")}
 MATCH_RULE = "candidate text with surrounding whitespace stripped equals the answer; case-insensitive unless one letter"
 DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$|-\d{4}$")  # gpt-4o-2024-08-06, gpt-4-0613
 
