@@ -53,6 +53,12 @@ def test_the_cells_own_treatment_reproduces_its_scores(fake, processed, tmp_path
     json.dumps(got)  # JSON-able as it is
 
 
+def test_the_predictors_treatments_are_these():
+    from moralign.predictors.openai import CENSORED_TREATMENTS
+
+    assert CENSORED_TREATMENTS == {name: censoring.TREATMENTS[name] for name in CENSORED_TREATMENTS}
+
+
 # -- hand-made cells, numbers computed independently -------------------------------------------------------------------
 
 # (logp_choice, censored, logp_bound, counts): answer A observed, B censored at bound 0.01; both observed; nothing

@@ -39,7 +39,8 @@ from moralign.io import read_provenance
 log = logging.getLogger(__name__)
 
 # Log-probability given to a censored answer, relative to the bound (log(bound) + shift). bound and half_bound
-# are also the choices of models.*.openai.censored (moralign.predictors.openai reads them from here).
+# are also the choices of models.*.openai.censored (moralign.predictors.openai.CENSORED_TREATMENTS, kept equal by
+# a test: the predictor does not import this module, so that extraction never depends on scoring code).
 TREATMENTS: dict[str, float] = {"bound": 0.0, "half_bound": math.log(0.5), "tenth_bound": math.log(0.1)}
 UNCENSORED = "uncensored"
 SENSITIVITY = (*TREATMENTS, UNCENSORED)

@@ -56,7 +56,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moralign.censoring import TREATMENTS
 from moralign.config import Config
 from moralign.extraction import _matches
 from moralign.io import environment
@@ -68,8 +67,10 @@ log = logging.getLogger(__name__)
 
 # The API reports -9999.0 for a token "very unlikely" (outside the top 20): no information, not a value.
 NOT_RETURNED = -9999.0
-# The choices of models.*.openai.censored: log(fraction of the bound), added to logp_bound.
-CENSORED_TREATMENTS = {name: TREATMENTS[name] for name in ("bound", "half_bound")}
+# The choices of models.*.openai.censored: log(fraction of the bound), added to logp_bound. moralign.censoring
+# holds the same two and more (a test keeps them equal; importing it here would make every API extraction
+# depend on the scoring code).
+CENSORED_TREATMENTS = {"bound": 0.0, "half_bound": math.log(0.5)}
 MATCH_RULE = "candidate text with surrounding whitespace stripped equals the answer; case-insensitive unless one letter"
 DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$|-\d{4}$")  # gpt-4o-2024-08-06, gpt-4-0613
 
