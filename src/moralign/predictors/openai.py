@@ -18,10 +18,22 @@ From the top-k log-probabilities to a distribution over the answers (:func:`answ
   smallest probability returned at that position, ``logp_bound``. ``logp_choice`` keeps -inf for it (nothing was
   observed) and ``p`` gives it the configured treatment before renormalising over the answers: ``bound`` (default,
   the bound itself: the least confident reading the data allow) or ``half_bound`` (the middle of [0, bound]).
-  Either way no item gets p = 0 and an infinite cross-entropy. ``censored`` lists which answers were censored;
+  Either way no item gets p = 0 and an infinite cross-entropy. ``censored`` lists which answers were censored.
+  With ``extract.debias: swap`` these columns combine the two prompt orders (``logp_bound`` is the first order's),
+  and ``logp_choice_by_order``, ``censored_by_order``, ``logp_bound_by_order`` keep each order's own, in the
+  task's choice order: moralign.censoring re-derives p from them under other treatments;
 * the API's ``-9999`` ("not among the top 20") counts as absent, positions with empty ``top_logprobs`` are
   skipped, and a refusal or a response with no candidates at all gets coverage 0, a uniform ``p`` and a
   ``status`` that says so (``ok``, ``no_answer``, ``refusal``, ``no_logprobs``).
+
+Each request's messages carry the item text as the content of one user message, exactly as written: a post that
+contains ``</s>``, ``<|eot_id|>`` or ``[INST]`` cannot open or close a turn at this end (turns are the structure of
+the JSON messages array, never markup in a string). How the server tokenizes that string is the server's choice:
+a self-hosted one that renders its chat template to one string and tokenizes it with special tokens parsed (a
+common default) reads such strings as control tokens, and no request field of the chat API can forbid it.
+
+The cost estimate (:meth:`OpenAIPredictor.plan`) counts prompt tokens exactly with tiktoken when its encoding file
+is at hand (:func:`token_counter`), and says whether the count is exact or approximate.
 
 ``summary.json`` reports per split the share of items with a censored answer and with coverage below
 ``coverage_threshold``, the positions used, and the ``model`` and ``system_fingerprint`` values the server
@@ -32,10 +44,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,7 +67,10 @@ log = logging.getLogger(__name__)
 
 # The API reports -9999.0 for a token "very unlikely" (outside the top 20): no information, not a value.
 NOT_RETURNED = -9999.0
-CENSORED_TREATMENTS = {"bound": 0.0, "half_bound": math.log(0.5)}  # added to logp_bound
+# The choices of models.*.openai.censored: log(fraction of the bound), added to logp_bound. moralign.censoring
+# holds the same two and more (a test keeps them equal; importing it here would make every API extraction
+# depend on the scoring code).
+CENSORED_TREATMENTS = {"bound": 0.0, "half_bound": math.log(0.5)}
 MATCH_RULE = "candidate text with surrounding whitespace stripped equals the answer; case-insensitive unless one letter"
 DATED = re.compile(r"-\d{4}-\d{2}-\d{2}$|-\d{4}$")  # gpt-4o-2024-08-06, gpt-4-0613
 
@@ -150,26 +168,43 @@ def answer_distribution(
     return AnswerDistribution(logp_choice, p, coverage, position, logp_bound, censored, status)
 
 
-def token_counter(api_model: str) -> tuple[Callable[[str], int], str]:
-    """A prompt-token counter for the model (tiktoken's encoding) and a description of how exact it is.
+def tiktoken_cache() -> str:
+    """Where tiktoken keeps its encoding files: ``TIKTOKEN_CACHE_DIR`` if set, else its own default folders."""
+    for name in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if name in os.environ:
+            return f"{name}={os.environ[name]}"
+    return f"tiktoken's default cache {Path(tempfile.gettempdir()) / 'data-gym-cache'} (TIKTOKEN_CACHE_DIR unset)"
 
-    tiktoken downloads its encoding files on first use; offline without a cached copy (TIKTOKEN_CACHE_DIR) the
-    count falls back to UTF-8 bytes / 4, and the description says so.
+
+def fetch_command(encoding: str) -> str:
+    """The one command that puts ``encoding`` into a cache folder, to run where there is internet (a login node)."""
+    return f"TIKTOKEN_CACHE_DIR=<folder> python -c \"import tiktoken; tiktoken.get_encoding('{encoding}')\""
+
+
+def token_counter(api_model: str) -> tuple[Callable[[str], int], str]:
+    """A prompt-token counter for the model and how exact it is: a description starting "exact" or "approximate".
+
+    tiktoken reads its encoding file (``o200k_base`` for GPT-4o, 3.6 MB) from ``TIKTOKEN_CACHE_DIR`` when that is
+    set and holds it, and otherwise downloads it. A cluster without internet fills the folder once, where there is
+    internet, with :func:`fetch_command`, and sets ``TIKTOKEN_CACHE_DIR`` to it on the compute nodes. Without the file
+    the count falls back to UTF-8 bytes / 4, and says so, with the command.
     """
     import tiktoken
 
     try:
-        name = tiktoken.encoding_name_for_model(api_model)
-        how = f"tiktoken {name}"
+        name, known = tiktoken.encoding_name_for_model(api_model), True
     except KeyError:
-        name = "o200k_base"
-        how = f"tiktoken o200k_base (approximate: tiktoken does not know {api_model!r})"
+        name, known = "o200k_base", False
     try:
         encoding = tiktoken.get_encoding(name)
     except Exception as err:
         return (lambda text: math.ceil(len(text.encode()) / 4)), (
-            f"approximate: UTF-8 bytes / 4 (tiktoken's {name} unavailable: {type(err).__name__})"
+            f"approximate: UTF-8 bytes / 4 (tiktoken's {name} file is not in {tiktoken_cache()} and could not be "
+            f"downloaded: {type(err).__name__}; fetch it once where there is internet: {fetch_command(name)})"
         )
+    how = f"tiktoken {name}, file from {tiktoken_cache()}"
+    # a model tiktoken does not know (a self-hosted one) has its own tokenizer: o200k_base only approximates it
+    how = f"exact: {how}" if known else f"approximate: {how} (tiktoken does not know {api_model!r})"
     return (lambda text: len(encoding.encode(text, disallowed_special=()))), how
 
 
@@ -259,6 +294,7 @@ class OpenAIPredictor(Predictor):
             "prompt_tokens_estimate": {"all": tokens_all, "to_send": tokens_send},
             "max_output_tokens": to_send * s.max_tokens,
             "token_counter": how,
+            "prompt_tokens_exact": how.startswith("exact"),
             "prices_usd_per_million_tokens": {"input": price_in, "output": price_out, "factor": factor},
             "cost_usd_estimate": cost,
             "max_requests": s.max_requests,
@@ -283,7 +319,10 @@ class OpenAIPredictor(Predictor):
         if self._prefetch:
             self.transport.fetch(self._prefetch)
             self._prefetch = []
-        responses = self.transport.fetch(self.bodies(items))
+        labels = [f"item {i!r}" for i in items["id"]]
+        if self.debias == "swap":
+            labels += [f"{label} (options swapped)" for label in labels]
+        responses = self.transport.fetch(self.bodies(items), labels)
         n = len(items)
         parsed = [answer_distribution(r, self.builder.answers, self.settings.censored) for r in responses]
         first = parsed[:n]
@@ -296,6 +335,7 @@ class OpenAIPredictor(Predictor):
         p = np.stack([a.p for a in first])
         coverage = np.array([a.coverage for a in first])
         censored = np.stack([a.censored for a in first])
+        by_order: dict[str, list[Any]] = {}
         if self.debias == "swap":
             # the swapped prompt lists the options in the other order: flip its answers back, average the orders
             second = parsed[n:]
@@ -303,6 +343,14 @@ class OpenAIPredictor(Predictor):
             p = 0.5 * (p + np.stack([a.p[::-1] for a in second]))
             coverage = 0.5 * (coverage + np.array([a.coverage for a in second]))
             censored = censored | np.stack([a.censored[::-1] for a in second])
+            # each order's observed masses and bound, in the task's choice order: what moralign.censoring needs to
+            # give the censored answers another treatment (the columns above already mix the two orders)
+            pairs = list(zip(first, second, strict=True))
+            by_order = {
+                "logp_choice_by_order": [[a.logp_choice.tolist(), b.logp_choice[::-1].tolist()] for a, b in pairs],
+                "censored_by_order": [[a.censored.tolist(), b.censored[::-1].tolist()] for a, b in pairs],
+                "logp_bound_by_order": [[a.logp_bound, b.logp_bound] for a, b in pairs],
+            }
         usage = [r.get("usage") or {} for r in responses[:n]]
         return pd.DataFrame(
             {
@@ -317,6 +365,7 @@ class OpenAIPredictor(Predictor):
                 "status": [a.status for a in first],
                 "response_model": [r.get("model") for r in responses[:n]],
                 "system_fingerprint": [r.get("system_fingerprint") for r in responses[:n]],
+                **by_order,
             }
         )
 

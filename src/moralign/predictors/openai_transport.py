@@ -12,9 +12,17 @@ atomically, holding the key, base URL, endpoint, request body, the raw response 
 cached, so a rerun asks again. The API key is never part of a key, a file or a log line: it is read from the
 environment variable the config names, only when a request must actually be sent.
 
-Synchronous mode sends the uncached requests concurrently through the official ``openai`` client, whose own
-retries back off exponentially on 408, 409, 429 and 5xx and honour ``Retry-After`` / ``retry-after-ms`` (up to
-two minutes). Each response is cached as it arrives, so a killed run loses at most the requests in flight.
+Synchronous mode sends the uncached requests concurrently through the official ``openai`` client. Faults are
+retried here, not by the client (its own retries are off), so that every kind of transient fault draws on ONE
+budget of ``max_retries`` retries per request: HTTP 408, 409, 429 and 5xx; a dropped connection or a body cut
+off in transit; no answer within ``timeout_s``; and an HTTP 200 whose body is not a chat completion (cut short,
+not JSON, a gateway's HTML error page, JSON without ``choices``), which proxies and gateways do send. A wait
+follows ``Retry-After`` / ``retry-after-ms`` when the server gives one (up to two minutes; a longer one stops the
+run at once rather than hold it for hours), else backs off exponentially from ``BACKOFF_S`` with jitter, as the
+client would. Other statuses (400, 401, 404, ...) are not transient and stop at once. When the budget is spent,
+the run stops with one line (:class:`ServerFaultError`) naming the model, the item and the last thing that came
+back. Only a chat completion is ever cached, so a malformed body can never become a prediction. Each response is
+cached as it arrives, so a killed run loses at most the requests in flight.
 
 Batch mode writes the uncached requests as Batch API JSONL (``custom_id`` = cache key, ``method``, ``url``,
 ``body``), uploads it (purpose ``batch``), creates the batch (24 h window), polls it, and fills the same cache from
@@ -25,10 +33,14 @@ the output file (whose lines come back in any order; they are matched by ``custo
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import hashlib
 import json
 import logging
+import math
 import os
+import random
+import re
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -37,6 +49,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from moralign.errors import DataError
 from moralign.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -45,10 +58,66 @@ ENDPOINT = "/chat/completions"
 # Batch API limits: 50,000 requests (and 200 MB) per input file.
 MAX_BATCH_REQUESTS = 50_000
 BATCH_TERMINAL = ("completed", "failed", "expired", "cancelled")
+# Retries (module docstring): the statuses worth asking again, and the waits between tries (as the openai client's).
+RETRY_STATUS = frozenset({408, 409, 429})  # and every 5xx
+BACKOFF_S = 0.5  # first wait without Retry-After; doubles per retry, minus up to 25 % jitter
+MAX_BACKOFF_S = 8.0
+MAX_RETRY_AFTER_S = 120.0  # a server asking for a longer wait (a spent daily quota) stops the run instead
+SHOWN_CHARS = 200  # how much of a faulty body an error line quotes
 
 
 class RequestLimitError(RuntimeError):
     """A run would send more requests than the model's ``max_requests`` allows."""
+
+
+class ServerFaultError(DataError):
+    """The server kept answering a request with faults, or with an error that is not transient.
+
+    A :class:`DataError` so that the step prints it as one line (the model, the item, what came back): the fix
+    is the user's (retry later, raise ``max_retries``, check the server), not a bug of moralign.
+    """
+
+
+def pause(seconds: float) -> None:
+    """Wait between tries (a function of its own so that tests need not wait)."""
+    time.sleep(seconds)
+
+
+def shown(text: str) -> str:
+    """A body as an error line quotes it: whitespace collapsed to single spaces, cut to ``SHOWN_CHARS``."""
+    flat = re.sub(r"\s+", " ", text).strip()
+    return repr(flat if len(flat) <= SHOWN_CHARS else flat[:SHOWN_CHARS] + "...")
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds the server asks to wait (``retry-after-ms``, else ``Retry-After`` in seconds or as a date), or None."""
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / divisor
+        except ValueError:
+            continue
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    value = headers.get("retry-after")
+    date = email.utils.parsedate_tz(value) if value else None
+    return None if date is None else max(0.0, email.utils.mktime_tz(date) - time.time())
+
+
+def backoff(retry: int) -> float:
+    """The wait before retry number ``retry`` (0-based) when the server names none."""
+    return min(BACKOFF_S * 2.0**retry, MAX_BACKOFF_S) * (1 - 0.25 * random.random())
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one try of a request gave: a chat completion, or a fault described in a few words."""
+
+    response: dict[str, Any] | None
+    fault: str = ""
+    transient: bool = True
+    wait: float | None = None  # what the server asked for (Retry-After)
 
 
 def canonical_json(obj: Any) -> str:
@@ -117,6 +186,7 @@ class Transport:
     max_requests: int | None
     sent: int = 0  # requests this process sent over the wire (each batch line counts as one)
     _client: Any = field(default=None, init=False, repr=False)
+    _chat: Any = field(default=None, init=False, repr=False)
 
     def key(self, body: dict[str, Any]) -> str:
         """The cache key of ``body`` sent to this transport's endpoint."""
@@ -131,8 +201,12 @@ class Transport:
                 todo[key] = body
         return todo
 
-    def fetch(self, bodies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The raw response of every body, in order; uncached ones are requested first (sync or batch)."""
+    def fetch(self, bodies: Sequence[dict[str, Any]], labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The raw response of every body, in order; uncached ones are requested first (sync or batch).
+
+        ``labels`` name the bodies' items in error lines (``item <id>``); without them a request is named by its key.
+        """
+        named = {self.key(b): label for b, label in zip(bodies, labels, strict=True)} if labels is not None else {}
         todo = self.missing(bodies)
         if todo:
             self.check_limit(len(todo))
@@ -140,13 +214,15 @@ class Transport:
             if self.mode == "batch":
                 self._send_batch(todo)
             else:
-                self._send_sync(todo)
+                self._send_sync(todo, named)
         out = []
         for body in bodies:
-            response = self.cache.get(self.key(body))
+            key = self.key(body)
+            response = self.cache.get(key)
             if response is None:  # only reachable when a batch returned errors for some lines
-                raise RuntimeError(
-                    f"no response for a request of {self.base_url} (see the errors above); rerun to retry"
+                raise ServerFaultError(
+                    f"model {body.get('model')!r} at {self.base_url}, {named.get(key, f'request {key[:12]}')}: "
+                    f"the batch returned no chat completion for it (see the errors above); rerun to retry"
                 )
             out.append(response)
         return out
@@ -178,21 +254,77 @@ class Transport:
             )
         return self._client
 
+    def chat_client(self) -> Any:
+        """The client for chat completions, without retries of its own.
+
+        :meth:`_send_one` retries every kind of fault on one budget; the Files and Batches calls of batch mode keep
+        the client's retries.
+        """
+        if self._chat is None:
+            self._chat = self.client().with_options(max_retries=0)
+        return self._chat
+
     # -- synchronous -------------------------------------------------------------------------------------------
 
-    def _send_one(self, key: str, body: dict[str, Any]) -> None:
-        raw = self.client().chat.completions.with_raw_response.create(**body)
-        response = json.loads(raw.text)
-        if not is_success(response):
-            raise RuntimeError(f"{self.base_url}{ENDPOINT} answered without choices: {raw.text[:300]}")
-        self.cache.put(key, self.base_url, ENDPOINT, body, response, via="sync")
+    def _attempt(self, body: dict[str, Any]) -> Attempt:
+        """One try of one request, every outcome turned into an :class:`Attempt` (nothing raised, nothing cached)."""
+        import openai
 
-    def _send_sync(self, todo: dict[str, dict[str, Any]]) -> None:
+        try:
+            raw = self.chat_client().chat.completions.with_raw_response.create(**body)
+        except openai.APITimeoutError:
+            return Attempt(None, f"no answer within timeout_s = {self.timeout_s:g} s")
+        except openai.APIConnectionError as err:
+            cause = err.__cause__ or err
+            return Attempt(None, f"connection failed ({type(cause).__name__}: {shown(str(cause))})")
+        except openai.APIStatusError as err:
+            status, headers = err.status_code, err.response.headers
+            transient = status in RETRY_STATUS or status >= 500
+            # a server may say explicitly whether a retry can help (the openai client obeys the same header)
+            transient = {"true": True, "false": False}.get(headers.get("x-should-retry", ""), transient)
+            return Attempt(None, f"HTTP {status}: {shown(err.response.text)}", transient, retry_after(headers))
+        text = raw.text
+        try:
+            response = json.loads(text)
+        except ValueError:
+            return Attempt(None, f"HTTP {raw.status_code} and a body not JSON ({len(text)} chars): {shown(text)}")
+        if not is_success(response):
+            return Attempt(None, f"HTTP {raw.status_code} with JSON that is not a chat completion: {shown(text)}")
+        return Attempt(response)
+
+    def _send_one(self, key: str, body: dict[str, Any], label: str) -> None:
+        """Ask until a chat completion comes back (then cache it) or the retries are spent (then stop, one line)."""
+        where = f"model {body.get('model')!r} at {self.base_url}, {label}"
+        for retry in range(self.max_retries + 1):
+            attempt = self._attempt(body)
+            if attempt.response is not None:
+                self.cache.put(key, self.base_url, ENDPOINT, body, attempt.response, via="sync")
+                return
+            if not attempt.transient:
+                raise ServerFaultError(f"{where}: not a transient fault, not retried; the answer was {attempt.fault}")
+            if retry == self.max_retries:
+                break
+            wait = backoff(retry) if attempt.wait is None else attempt.wait
+            if wait > MAX_RETRY_AFTER_S:
+                raise ServerFaultError(
+                    f"{where}: the server asks to wait {wait:.0f} s (more than {MAX_RETRY_AFTER_S:.0f} s) after "
+                    f"{attempt.fault}; rerun later (cached responses are kept)"
+                )
+            log.warning("%s: %s; retry %d of %d in %.2f s", where, attempt.fault, retry + 1, self.max_retries, wait)
+            pause(wait)
+        raise ServerFaultError(
+            f"{where}: no chat completion after {self.max_retries + 1} tries (max_retries = {self.max_retries}); "
+            f"the last answer was {attempt.fault}; rerun to retry (cached responses are kept)"
+        )
+
+    def _send_sync(self, todo: dict[str, dict[str, Any]], labels: dict[str, str]) -> None:
         items = list(todo.items())
-        self.client()  # created once, before the worker threads share it
+        self.chat_client()  # created once, before the worker threads share it
         self.sent += len(items)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = [pool.submit(self._send_one, key, body) for key, body in items]
+            futures = [
+                pool.submit(self._send_one, key, body, labels.get(key, f"request {key[:12]}")) for key, body in items
+            ]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()
@@ -278,6 +410,15 @@ class Transport:
 
 
 def _jsonl(text: str) -> Iterator[dict[str, Any]]:
-    for line in text.splitlines():
-        if line.strip():
-            yield json.loads(line)
+    """The objects of a JSONL file; a line that is not a JSON object is logged and skipped (never cached)."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            yield obj
+        else:
+            log.warning("batch file line %d is not a JSON object, skipped: %s", number, shown(line))
