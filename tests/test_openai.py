@@ -433,9 +433,9 @@ def test_params_and_overlay_plan_gpt4o_base_only():
     from moralign.config import load_config
 
     cfg = load_config([ROOT / "params.yaml", ROOT / "config" / "gpt4o.yaml"])
-    assert cfg.cells() == [("anecdotes", "gpt-4o", "base"), ("dilemmas", "gpt-4o", "base")]
+    assert cfg.cells() == [("anecdotes", "gpt-4o", "base", None), ("dilemmas", "gpt-4o", "base", None)]
     assert cfg.model("gpt-4o")["openai"]["api_model"] == "gpt-4o-2024-08-06"
-    assert ("dilemmas", "gpt-4o", "base") in load_config(ROOT / "params.yaml").cells()
+    assert ("dilemmas", "gpt-4o", "base", None) in load_config(ROOT / "params.yaml").cells()
 
 
 # -- transport --------------------------------------------------------------------------------------------------------
@@ -994,3 +994,14 @@ def test_demo_workflow_gains_the_api_row(demo_run, fake, tmp_path, key_env):
     h = np.stack(test["counts"].map(np.asarray)) / test["n_votes"].to_numpy()[:, None]
     assert float(row["value"].iloc[0]) == pytest.approx(float(np.mean(-(h * np.log(p)).sum(axis=1))), rel=1e-9)
     assert (repo / "cache/openai").is_dir() and not list((repo / "results").rglob("*cache*"))
+    # its censored share is in the table (a bound, not a value, where an answer was not among the top tokens)
+    pred = pd.read_parquet(repo / "results/demo/predictions/dilemmas/fake-4o/base/test.parquet")
+    share = float(pred["censored"].map(lambda c: bool(np.any(c))).mean())
+    assert float(row["censored_share"].iloc[0]) == pytest.approx(share)
+    md = (repo / "reports/demo/results.md").read_text()
+    assert "| censored |" in md.splitlines()[0]
+    fake_row = next(line for line in md.splitlines() if "| fake-4o |" in line)
+    assert f"| {share:.3f}" in fake_row
+    # and the sensitivity table of its cell: the metrics under each treatment of the censored answers
+    report = (repo / "reports/demo/censoring.md").read_text()
+    assert "## fake-4o · dilemmas · base" in report and "tenth_bound" in report and "uncensored" in report

@@ -45,7 +45,15 @@ def _cell(folder, model, condition, seed=None, logp=None, counts=None, prov=None
     provenance = {"dataset": dataset, "model": model, "dtype": "float32", "quantization": "none", **(prov or {})}
     score = {**result, "split": "test", "condition": condition, "seed": seed, "provenance": provenance}
     if censoring is not None:
-        score["censoring"] = {"share_censored": censoring}
+        treatments = ("bound", "half_bound", "tenth_bound", "uncensored")
+        sensitivity = {t: {**result["metrics"], "n_items": len(counts)} for t in treatments}
+        n_censored = round(censoring * len(counts))
+        score["censoring"] = {
+            "share_censored": censoring,
+            "n_censored": n_censored,
+            "n_items": len(counts),
+            "sensitivity": sensitivity,
+        }
     path.write_text(json.dumps(score))
     write_parquet(path.with_name(path.name.removesuffix(".json") + ".items.parquet"), items)
     return {**score, "dataset": dataset, "model": model, "path": str(path)}
@@ -161,3 +169,5 @@ def test_base_weights_and_the_censored_share_of_api_rows(tmp_path):
     assert "| 0.080 ‡ |" in row["gpt"] and "| 0.030 |" in row["mini"] and "| nf4 |" in row["m"]
     assert "‡ above 5%: that row's xentropy and dirichlet are optimistic bounds" in md
     assert r"$\ddagger$" in (tmp_path / "out/results.tex").read_text()
+    report = (tmp_path / "out/censoring.md").read_text()
+    assert "## gpt · dilemmas · base" in report and "## mini · dilemmas · base" in report and "## m " not in report

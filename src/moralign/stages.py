@@ -451,6 +451,7 @@ STAGES: tuple[Stage, ...] = (
             "tex": f"{TABLE}.tex",
             "differences": f"{REPORTS}/differences.csv",
             "metrics": f"{REPORTS}/metrics.json",
+            **({"censoring": f"{REPORTS}/censoring.md"} if _api_models(cfg) else {}),
         },
         sections=(*SUMMARY_SECTIONS, "score"),
         args="--scores {input.scores} {input.references} --out-dir {reports}",

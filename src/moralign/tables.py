@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moralign import aggregate
+from moralign import aggregate, censoring
 from moralign.io import atomic_path, read_json, write_json
 from moralign.metrics import LOWER_IS_BETTER
 from moralign.references import BEST_FLOORS
@@ -378,7 +378,10 @@ def tabulate(
     settings: dict[str, Any],
     comparisons: list[tuple[str, str]] = (),
 ) -> pd.DataFrame:
-    """Write results.csv (long form), results.md, results.tex, differences.csv and metrics.json (DVC metrics).
+    """Write results.csv (long form), results.md, results.tex, differences.csv, metrics.json and censoring.md.
+
+    metrics.json feeds DVC; censoring.md exists when the run has API cells (their metrics under each treatment of
+    censored answers).
 
     Every row of a dataset must cover the same items (:func:`check_same_items`). A row is the mean over its seeds'
     cells (:func:`table_rows`); ``differences.csv`` holds each (condition, baseline) of ``comparisons`` per model,
@@ -396,6 +399,14 @@ def tabulate(
         tmp.write_text(to_markdown(wide) + "\n" + "\n\n".join(footnotes) + "\n")
     with atomic_path(out_dir / "results.tex") as tmp:
         tmp.write_text(to_latex(wide, footnotes))
+    censored = [
+        {**c["censoring"], "dataset": c["dataset"], "model": c["model"], "condition": c["condition"]}
+        for c in cells
+        if c.get("censoring")
+    ]
+    if censored:
+        with atomic_path(out_dir / "censoring.md") as tmp:
+            tmp.write_text(censoring.sensitivity_markdown(censored))
     diffs = difference_rows(cells, list(comparisons), settings)
     columns = ["dataset", "model", "condition", "baseline", "seeds", "metric", "value", "low", "high"]
     with atomic_path(out_dir / "differences.csv") as tmp:

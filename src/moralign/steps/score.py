@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moralign import censoring
 from moralign.config import Config
 from moralign.errors import DataError
 from moralign.inputs import check_baseline, check_predictions
@@ -35,5 +36,8 @@ def run(
     if seed is not None and trained_with is not None and trained_with != seed:
         raise DataError(f"{pred_dir}: predictions of a model trained with seed {trained_with}, not {seed}")
     result.update(split=split, condition=condition, seed=seed, provenance=provenance)
+    if provenance.get("api_model"):
+        # an API reading: how many answers were censored, and the metrics under other treatments of them
+        result["censoring"] = censoring.summarise(pred_dir, data_dir, split, "dev", cfg["score"])
     write_json(out, result)
     write_parquet(items, per_item)
