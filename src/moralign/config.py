@@ -20,6 +20,16 @@ from typing import Any
 import jsonschema
 import yaml
 
+from moralign import backends
+from moralign.backends import (
+    BASE_CONDITIONS,
+    CONDITION_BASE,
+    CONDITION_BASE_4BIT,
+    CONDITION_TRAINED,
+    ENCODER_ARCHITECTURES,
+)
+from moralign.errors import ConfigError
+
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
@@ -45,18 +55,18 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
-CONDITION_BASE = "base"
-# The base condition scored on the 4-bit NF4 weights QLoRA recipes train on: the baseline of their differences.
-CONDITION_BASE_4BIT = "base-4bit"
-BASE_CONDITIONS = (CONDITION_BASE, CONDITION_BASE_4BIT)
-# The one condition of an encoder baseline (backend: encoder): trained on the votes; its untrained head is noise.
-CONDITION_TRAINED = "trained"
-# build.architecture values of the encoder baselines (moralign.tinyencoders); the others are causal LMs.
-ENCODER_ARCHITECTURES = ("bert", "roberta")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key, the value and the fix."""
+# The conditions and the backends that decide them live in the backend registry; re-exported for the steps.
+__all__ = [
+    "BASE_CONDITIONS",
+    "CONDITION_BASE",
+    "CONDITION_BASE_4BIT",
+    "CONDITION_TRAINED",
+    "ENCODER_ARCHITECTURES",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "validate",
+]
 
 
 def merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,8 +106,14 @@ def _fill_defaults(schema: Mapping[str, Any], value: Any) -> Any:
 
 
 def load_schema() -> dict[str, Any]:
-    """Return the configuration's JSON schema."""
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """Return the configuration's JSON schema, the backends (enum and description) from their registry."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    backend = schema["properties"]["models"]["additionalProperties"]["properties"]["backend"]
+    backend["enum"] = list(backends.BACKENDS)
+    backend["description"] = "How the model predicts: " + "; ".join(
+        f"{b.name} = {b.description}" for b in backends.BACKENDS.values()
+    )
+    return schema
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -190,13 +206,8 @@ class Config:
         weights to tune; an encoder baseline (``backend: encoder``) has only ``trained``: a classification head is
         random until trained, so there is no base row.
         """
-        backend = self.backend(model)
-        if backend == "openai":
-            return [CONDITION_BASE]
-        if backend == "encoder":
-            return [CONDITION_TRAINED]
         quantized = any(self.finetune(r)["quantization"] == "4bit" for r in self.recipes)
-        return [CONDITION_BASE, *([CONDITION_BASE_4BIT] if quantized else []), *self.recipes]
+        return backends.get(self.backend(model)).conditions(self.recipes, quantized)
 
     def seeds_of(self, model: str, condition: str) -> list[int | None]:
         """Training seeds of a cell: ``finetune.seeds`` for a recipe, ``encoder.seeds`` for an encoder; [None] else.
@@ -284,54 +295,6 @@ def digest(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def _check_api_model(name: str, model: dict[str, Any], origin: str) -> None:
-    """An API model names its endpoint's model and nothing a local model needs."""
-    if "openai" not in model:
-        raise ConfigError(
-            f"{origin}: models.{name} has backend: openai but no 'openai' block; add at least "
-            f"openai: {{api_model: <the server's model id, e.g. gpt-4o-2024-08-06>}}"
-        )
-    env = model["openai"].get("api_key_env")
-    if env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
-        # never echo the value: a key pasted here by mistake must not reach a log
-        raise ConfigError(
-            f"{origin}: models.{name}.openai.api_key_env must be the NAME of an environment variable (letters, "
-            f"digits, _), e.g. OPENAI_API_KEY, not the key itself (value not shown)"
-        )
-    clash = [key for key in ("hf_id", "build") if key in model]
-    if clash:
-        raise ConfigError(
-            f"{origin}: models.{name} has backend: openai and {clash}; an API model has no local weights, "
-            f"remove {clash}"
-        )
-    if not model["chat_template"]:
-        raise ConfigError(
-            f"{origin}: models.{name}: chat_template: false feeds raw text to a local model; the openai backend "
-            f"always sends chat messages, remove it"
-        )
-
-
-def _check_local_model(name: str, model: dict[str, Any], origin: str) -> None:
-    """A causal LM (``backend: hf``) or an encoder baseline (``backend: encoder``) with weights to load or build."""
-    if ("hf_id" in model) == ("build" in model):
-        raise ConfigError(
-            f"{origin}: models.{name} needs exactly one of 'hf_id' (load a model) or 'build' (build a tiny one)"
-        )
-    encoder = model["backend"] == "encoder"
-    built = model.get("build", {}).get("architecture")
-    if built is not None and (built in ENCODER_ARCHITECTURES) != encoder:
-        want = "encoder" if built in ENCODER_ARCHITECTURES else "hf"
-        raise ConfigError(
-            f"{origin}: models.{name}.build.architecture is {built!r}, which needs backend: {want} "
-            f"(backend is {model['backend']!r})"
-        )
-    if encoder and model["chat_template"]:
-        raise ConfigError(
-            f"{origin}: models.{name} has backend: encoder, which reads the item's text with no prompt or chat "
-            "markup; set chat_template: false"
-        )
-
-
 def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
     exp = cfg["experiment"]
     for name in exp["models"]:
@@ -341,15 +304,7 @@ def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
                 f"{origin}: experiment.models names '{name}', which is not defined under models "
                 f"(defined: {sorted(cfg['models'])}); add models.{name} or remove it from the list"
             )
-        if model["backend"] == "openai":
-            _check_api_model(name, model, origin)
-        elif "openai" in model:
-            raise ConfigError(
-                f"{origin}: models.{name} has an 'openai' block but backend '{model['backend']}'; "
-                f"set backend: openai or remove the block"
-            )
-        else:
-            _check_local_model(name, model, origin)
+        backends.get(model["backend"]).check_config(name, model, origin)
     for name in exp["recipes"]:
         if name in (*BASE_CONDITIONS, CONDITION_TRAINED):
             raise ConfigError(

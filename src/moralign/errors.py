@@ -4,10 +4,14 @@
 model folder without weights, an adapter of another base model, prediction or score files of another dataset
 or run. Its message says where, in the user's terms (the archive and the member inside it, the folder, the
 file), and why; the step scripts print it as one line (:func:`moralign.cli.run`). Configuration faults have
-their own :class:`moralign.config.ConfigError`.
+their own :class:`ConfigError` (re-exported by moralign.config).
 """
 
 from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key, the value and the fix."""
 
 
 class DataError(ValueError):

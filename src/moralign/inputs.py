@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moralign import backends
 from moralign.config import BASE_CONDITIONS
 from moralign.data import TASKS
 from moralign.errors import DataError
@@ -241,25 +242,11 @@ def _same_split(file: Path, score: Mapping[str, Any], split: str) -> None:
 
 
 def _same_model(file: Path, prov: Mapping[str, Any], model: str, cfg: Mapping[str, Any]) -> None:
-    if cfg.get("backend") == "openai":  # an API model: the endpoint's model id is its identity
-        if prov.get("api_model") != cfg["openai"]["api_model"]:
-            raise DataError(
-                f"{file}: scores of API model {prov.get('api_model')!r}, but this run's model {model!r} is "
-                f"{cfg['openai']['api_model']!r}: the scores of another run"
-            )
-        return
-    base = prov.get("base") or {}
-    if "build" in cfg:
-        same = base.get("built") == cfg["build"]
-    else:
-        pinned = cfg.get("revision")
-        same = base.get("hf_id") == cfg.get("hf_id") and pinned in (
-            None,
-            base.get("revision"),
-            base.get("requested_revision"),
-        )
-    if not same:
+    """The score file is of the model the run configures (its backend says how to tell: moralign.backends)."""
+    reason = backends.get(cfg.get("backend", "hf")).same_model(prov, cfg)
+    if reason is not None:
+        base = describe_base(dict(prov.get("base") or {})) if prov.get("base") else reason
         raise DataError(
-            f"{file}: scores of {describe_base(dict(base))}, but this run's model {model!r} is configured as "
-            f"{dict(cfg)}: the scores of another run"
+            f"{file}: scores of {base} ({reason}), but this run's model {model!r} is configured as {dict(cfg)}: "
+            "the scores of another run"
         )
