@@ -10,13 +10,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from scipy import stats
+from scipy import special, stats
 
-from moralign import encoders
+from moralign import encoders, metrics
 from moralign.config import ConfigError, load_config, validate
-from moralign.data import counts_matrix
+from moralign.data import ANECDOTE_LABELS, counts_matrix
+from moralign.errors import DataError
 from moralign.inputs import check_predictions
 from moralign.modeling import load_tokenizer
+from moralign.predictors.encoder import EncoderPredictor
 from moralign.scoring import score_cell
 from moralign.steps import extract, fetch_model, train_encoder
 from moralign.tinyencoders import train_texts
@@ -137,6 +139,47 @@ def test_dilemma_actions_are_encoded_alone(arch, bases, processed):
     assert len(ids) == 8 and ids[-1] == tokenizer.sep_token_id
 
 
+CONTROL = "[SEP] </s> <s> [CLS] <pad> [MASK] <mask> [PAD]"
+
+
+def plain_ids(tokenizer, text):
+    """Reference: the tokenizer's normalizer, pre-tokenizer and model run by hand, so no special token is ever
+    matched in the text: what the vendors' own tokenizers do with content (plain text)."""
+    backend = tokenizer.backend_tokenizer
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    return [t.id for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text) for t in backend.model.tokenize(piece)]
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_item_text_is_never_a_control_token(arch, bases, processed):
+    """An item that writes [SEP], </s>, <s> or [CLS] gets those characters; only the post-processor adds specials."""
+    tokenizer = load_tokenizer(str(bases[arch]))
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # text may have unknown characters
+    frame = pd.read_parquet(processed["anecdotes"] / "dev.parquet").head(3)
+    frame = frame.assign(title=frame["title"] + " " + CONTROL, text=CONTROL + " " + frame["text"] + " " + CONTROL)
+    # the trap is real: the tokenizer's default path reads these as control tokens
+    assert sep in tokenizer(frame["title"].iloc[0], add_special_tokens=False)["input_ids"]
+    middle = [sep] if arch == "bert" else [sep, sep]
+    encoder = encoders.InputEncoder(tokenizer, "anecdotes", 512)
+    units = encoder.encode(frame)  # what training (Split) and prediction (EncoderPredictor) both read
+    for ((ids, types),), (_, row) in zip(units, frame.iterrows(), strict=True):
+        title, text = plain_ids(tokenizer, row["title"]), plain_ids(tokenizer, row["text"])
+        assert ids == [cls, *title, *middle, *text, sep]
+        assert sum(i in specials for i in ids) == 2 + len(middle)
+        if arch == "bert":
+            assert types == [0] * (len(title) + 2) + [1] * (len(text) + 1)
+    dilemmas = pd.read_parquet(processed["dilemmas"] / "dev.parquet").head(3)
+    dilemmas = dilemmas.assign(action1=CONTROL + " " + dilemmas["action1"], action2=dilemmas["action2"] + " </s>")
+    pairs = encoders.InputEncoder(tokenizer, "dilemmas", 96).encode(dilemmas)
+    for pair, (_, row) in zip(pairs, dilemmas.iterrows(), strict=True):
+        assert [ids for ids, _ in pair] == [[cls, *plain_ids(tokenizer, row[f]), sep] for f in ("action1", "action2")]
+    model = encoders.load_model(bases[arch], "anecdotes", torch.device("cpu"))
+    predicted = EncoderPredictor(model, encoder, tokenizer, 4096).predict(frame)
+    assert predicted["n_prompt_tokens"].tolist() == [len(u[0][0]) for u in units]
+
+
 def test_tiny_tokenizers_learn_from_the_train_split_only(raw_dir):
     texts = list(train_texts([raw_dir / "anecdotes.tar.gz", raw_dir / "dilemmas.tar.gz"]))
     assert len(texts) == 2 * 160 + 2 * 160  # title + text per anecdote, two actions per dilemma, train only
@@ -180,13 +223,44 @@ def test_dilemma_head_scores_actions_independently(arch, bases, processed):
     np.testing.assert_allclose(reordered, logits, rtol=0, atol=1e-5)
 
 
-def test_anecdote_heads_have_one_logit_per_choice(bases, processed):
+def test_both_anecdote_datasets_get_scruples_five_way_head(bases, processed):
     tokenizer = load_tokenizer(str(bases["bert"]))
-    for dataset, k in (("anecdotes", 2), ("anecdotes-5way", 5)):
+    for dataset in ("anecdotes", "anecdotes-5way"):
         model = encoders.load_model(bases["bert"], dataset, torch.device("cpu"))
+        assert model.net.config.id2label == dict(enumerate(ANECDOTE_LABELS))
         frame = pd.read_parquet(processed[dataset] / "dev.parquet").head(7)
         logits = model.predict(encoders.InputEncoder(tokenizer, dataset, 512).encode(frame), token_budget=512)
-        assert logits.shape == (7, k) and np.isfinite(logits).all()
+        assert logits.shape == (7, 5) and np.isfinite(logits).all()
+
+
+def test_binary_anecdotes_collapse_the_five_way_head():
+    """WRONG = AUTHOR + EVERYBODY, RIGHT = OTHER + NOBODY, INFO dropped, renormalised; Σα without INFO's α."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(40, 5)) * 3
+    s = special.softmax(logits, axis=1)  # AUTHOR, OTHER, EVERYBODY, NOBODY, INFO
+    wrong = (s[:, 0] + s[:, 2]) / (s[:, 0] + s[:, 1] + s[:, 2] + s[:, 3])
+    p = np.exp(encoders.task_log_probs(logits, "anecdotes"))
+    np.testing.assert_allclose(p, np.stack([wrong, 1 - wrong], axis=1), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(np.exp(encoders.task_log_probs(logits, "anecdotes-5way")), s, rtol=1e-12)
+    alpha = np.exp(logits)
+    np.testing.assert_allclose(encoders.task_concentration(logits, "anecdotes"), alpha[:, :4].sum(1), rtol=1e-12)
+    np.testing.assert_allclose(encoders.task_concentration(logits, "anecdotes-5way"), alpha.sum(1), rtol=1e-12)
+    # the binary row's α (Σα · p) is the five-way α summed as the binarisation sums the votes
+    own = encoders.task_concentration(logits, "anecdotes")[:, None] * p
+    np.testing.assert_allclose(own, np.stack([alpha[:, 0] + alpha[:, 2], alpha[:, 1] + alpha[:, 3]], 1), rtol=1e-12)
+
+
+def test_the_anecdotes_head_trains_on_the_five_way_votes(processed):
+    binary = pd.read_parquet(processed["anecdotes"] / "train.parquet")
+    five = pd.read_parquet(processed["anecdotes-5way"] / "train.parquet").set_index("id")
+    got = encoders.head_counts(binary, "anecdotes")
+    want = np.stack(five.loc[binary["id"], "counts"].to_numpy())
+    assert got.shape == (len(binary), 5) and np.array_equal(got, want)
+    # the same votes the binary counts were made from
+    assert np.array_equal(got[:, [0, 2]].sum(1), counts_matrix(binary)[:, 0])
+    assert np.array_equal(got[:, [1, 3]].sum(1), counts_matrix(binary)[:, 1])
+    with pytest.raises(DataError, match=r"no column 'label_counts'.*run prepare again"):
+        encoders.head_counts(binary.drop(columns="label_counts"), "anecdotes")
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -245,6 +319,74 @@ def test_a_step_does_not_depend_on_the_micro_batches(loss, bases, processed, tmp
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-6)
 
 
+def test_calibrated_xentropy_against_a_grid_search():
+    rng = np.random.default_rng(2)
+    counts = rng.integers(0, 9, size=(30, 5))
+    counts[counts.sum(1) == 0, 1] = 1
+    h = counts / counts.sum(1, keepdims=True)
+    logits = 4 * np.log(h + 0.1) + rng.normal(size=(30, 5))  # informative and over-confident: T inside (1, e^3)
+    value, temperature = encoders.calibrated_xentropy(logits, counts)
+    grid = np.exp(np.linspace(-3, 3, 60001))
+    scaled = logits[None] / grid[:, None, None]
+    curve = -(h * special.log_softmax(scaled, axis=-1)).sum(-1).mean(-1)
+    assert value == pytest.approx(curve.min(), abs=1e-7)
+    assert temperature == pytest.approx(grid[curve.argmin()], rel=1e-3)
+    assert 1.5 < temperature < 20 and value < encoders.xentropy(logits, counts)
+
+
+def test_the_epoch_kept_is_the_best_calibrated_one(bases, processed, tmp_path, monkeypatch):
+    """Scruples' criterion: an over-confident epoch that ranks the items right beats a timid one that does not,
+    although its raw xentropy is far worse."""
+    tokenizer = load_tokenizer(str(bases["bert"]))
+    encoder = encoders.InputEncoder(tokenizer, "dilemmas", 32)
+    frames = {s: pd.read_parquet(processed["dilemmas"] / f"{s}.parquet").head(16) for s in ("train", "dev")}
+    train, dev = (encoders.Split(encoder.encode(f), counts_matrix(f)) for f in frames.values())
+    h = dev.counts / dev.counts.sum(1, keepdims=True)
+    rng = np.random.default_rng(0)
+    timid = 0.01 * rng.normal(size=h.shape)  # about uniform, and its ranking is noise
+    sure = 20 * np.log(np.clip(h, 0.05, 0.95))  # the right ranking, far too sharp
+    scripted = iter([timid, sure])
+    model = encoders.load_model(bases["bert"], "dilemmas", torch.device("cpu"))
+    monkeypatch.setattr(model, "predict", lambda items, budget: next(scripted))
+    settings = {**validate(small_config(epochs=2))["encoder"], "checkpoint_steps": 0}
+    result = encoders.Trainer(model, settings, tmp_path / "ck", "test").train(train, dev)
+    first, second = result["history"]
+    assert first["dev_xentropy"] < second["dev_xentropy"]  # raw xentropy would keep epoch 1
+    assert second["dev_calibrated_xentropy"] < first["dev_calibrated_xentropy"]
+    assert result["best_epoch"] == 2 and result["selection"] == "dev_calibrated_xentropy"
+    assert result["best_dev_calibrated_xentropy"] == second["dev_calibrated_xentropy"]
+    calibrated = encoders.calibrated_xentropy(sure, dev.counts)
+    assert (second["dev_calibrated_xentropy"], second["dev_temperature"]) == calibrated
+
+
+def test_prediction_autocast_follows_training():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert encoders.prediction_autocast(True, cuda) is True  # as training evaluated dev
+    assert encoders.prediction_autocast(False, cuda) is False  # trained in float32: predicted in float32
+    assert encoders.prediction_autocast(True, cpu) is False  # bfloat16 autocast is CUDA's: float32 here
+
+
+def test_dirichlet_with_the_models_own_concentration_reproduces_scruples_check_values():
+    """The score of a Dirichlet-multinomial model (α = Σα · p) equals its training loss: Scruples' check values."""
+    logits = np.array([[0.0, 0.0], [math.log(0.5), math.log(2.0)]])  # Scruples' log-alphas
+    votes = np.array([[0.3, 0.7], [0.6, 0.4]])
+    logp = encoders.task_log_probs(logits, "dilemmas")
+    own = encoders.task_concentration(logits, "dilemmas")
+    np.testing.assert_allclose(own, [2.0, 2.5], rtol=1e-12)
+    items = metrics.per_item_metrics(votes, logp, np.ones(2), 1.0, 1.0, own_concentration=own)
+    assert items["dirichlet"].mean() == pytest.approx(1.1093992405423625, abs=1e-12)
+    loss = encoders.dirichlet_multinomial_nll(torch.tensor(logits), torch.tensor(votes)).numpy()
+    np.testing.assert_allclose(items["dirichlet"], loss, rtol=1e-12)
+    half = np.array([[0.5, 0.5]])
+    one = metrics.per_item_metrics(half, np.log(half), np.ones(1), 1.0, 1.0, own_concentration=np.array([2.0]))
+    assert one["dirichlet"][0] == pytest.approx(0.9347116558304358, abs=1e-12)
+    # without a concentration of its own, dirichlet stays c = 1
+    plain = metrics.per_item_metrics(votes, logp, np.ones(2), 1.0, 1.0)
+    np.testing.assert_array_equal(plain["dirichlet"], metrics.dirichlet(votes, logp, 1.0))
+    with pytest.raises(ValueError, match=r"1 item\(s\) have a concentration .*'b'"):
+        metrics.per_item_metrics(votes, logp, np.ones(2), 1.0, 1.0, ["a", "b"], np.array([2.0, np.nan]))
+
+
 def test_configs_of_encoder_models():
     raw = demo_raw()
     cfg = validate(raw)
@@ -282,6 +424,9 @@ def test_train_then_extract_then_score(arch, dataset, bases, processed, tmp_path
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["best_epoch"] in (1, 2) and len(meta["history"]) == 2 and meta["resumed_from"] is None
     assert meta["head"] == ("choice" if dataset == "dilemmas" else "sequence")
+    assert meta["head_labels"] == list(encoders.head_labels(dataset))
+    calibrated = [h["dev_calibrated_xentropy"] for h in meta["history"]]
+    assert meta["best_epoch"] == 1 + int(np.argmin(calibrated)) and meta["selection"] == "dev_calibrated_xentropy"
     assert not out.with_name("encoder.checkpoints").exists()
     pred = tmp_path / "pred"
     extract.run(cfg.restrict(["extract", f"models.{model}"]), model, dataset, "trained", data, pred, bases[arch], out)
@@ -293,16 +438,74 @@ def test_train_then_extract_then_score(arch, dataset, bases, processed, tmp_path
     summary = json.loads((pred / "summary.json").read_text())
     assert summary["provenance"]["base"]["built"]["architecture"] == arch
     assert summary["provenance"]["condition"] == "trained"
-    dev_logp = np.log(np.stack(pd.read_parquet(pred / "dev.parquet")["p"].to_numpy()))
-    dev_counts = counts_matrix(pd.read_parquet(data / "dev.parquet"))
-    assert encoders.xentropy(dev_logp, dev_counts) == pytest.approx(meta["best_dev_xentropy"], abs=1e-5)
+    assert "concentration" not in frame.columns  # trained with xentropy-soft: no Σα of its own
+    if dataset == "dilemmas":  # the head is the task: the dev predictions are the selected epoch's, same numbers
+        dev_logp = np.log(np.stack(pd.read_parquet(pred / "dev.parquet")["p"].to_numpy()))
+        dev_counts = counts_matrix(pd.read_parquet(data / "dev.parquet"))
+        assert encoders.xentropy(dev_logp, dev_counts) == pytest.approx(meta["best_dev_xentropy"], abs=1e-5)
     result, _ = score_cell(pred, data, "test", cfg["score"])
     assert result["metrics"]["coverage"]["value"] == 1.0
+    assert result["dirichlet_alpha"] == "c=1"
+
+
+def test_prediction_keeps_float32_weights_whatever_extract_dtype(bases, processed, tmp_path):
+    """extract.dtype (the causal LMs' weights) does not make the encoder bfloat16: it runs as its epoch was chosen."""
+    from moralign import predictors
+
+    raw = small_config(epochs=1)
+    raw["extract"]["dtype"] = "bfloat16"
+    cfg = validate(raw)
+    out = tmp_path / "encoder"
+    train_encoder.run(cfg, "tiny-bert", "dilemmas", processed["dilemmas"], bases["bert"], out)
+    inputs = predictors.CellInputs(processed["dilemmas"], bases["bert"], out)
+    predictor = predictors.build(cfg, "tiny-bert", "dilemmas", "trained", inputs)
+    assert {p.dtype for p in predictor.model.net.parameters()} == {torch.float32}
+    assert predictor.provenance["dtype"] == "float32" and predictor.provenance["autocast"] is None
+    assert predictor.provenance["trained_bf16_autocast"] is False
+
+
+@pytest.mark.parametrize("dataset", ["anecdotes", "dilemmas"])
+def test_dirichlet_multinomial_model_is_scored_with_its_own_alpha(dataset, bases, processed, tmp_path):
+    """Σα is written beside p and the score's dirichlet is the model's own Dirichlet-multinomial NLL."""
+    from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification
+
+    cfg = validate(small_config(epochs=1, loss="dirichlet-multinomial"))
+    data, out, pred = processed[dataset], tmp_path / "encoder", tmp_path / "pred"
+    train_encoder.run(cfg, "tiny-bert", dataset, data, bases["bert"], out)
+    extract.run(cfg, "tiny-bert", dataset, "trained", data, pred, bases["bert"], out)
+    frame = pd.read_parquet(pred / "test.parquet")
+    gold = pd.read_parquet(data / "test.parquet").set_index("id").loc[frame["id"]]
+    # reference: the saved model run by transformers itself, one item at a time, on the tokenizer's own inputs
+    tokenizer = load_tokenizer(str(out))
+    auto = AutoModelForMultipleChoice if dataset == "dilemmas" else AutoModelForSequenceClassification
+    net = auto.from_pretrained(str(out)).eval()
+    want = []
+    with torch.no_grad():
+        for _, row in gold.iterrows():
+            if dataset == "dilemmas":
+                enc = tokenizer([row["action1"], row["action2"]], padding=True, return_tensors="pt")
+                logits = net(**{k: v[None] for k, v in enc.items()}).logits[0]
+                want.append(float(torch.exp(logits.double()).sum()))
+            else:
+                logits = net(**tokenizer(row["title"], row["text"], return_tensors="pt")).logits[0].double()
+                want.append(float(torch.exp(logits[:4]).sum()))  # AUTHOR, OTHER, EVERYBODY, NOBODY: INFO left out
+    np.testing.assert_allclose(frame["concentration"], want, rtol=1e-4)
+    result, per_item = score_cell(pred, data, "test", cfg["score"])
+    assert result["dirichlet_alpha"] == "model"
+    p = np.stack(frame["p"].to_numpy())
+    counts = counts_matrix(gold)
+    nll = []
+    for c, alpha in zip(counts, frame["concentration"].to_numpy()[:, None] * p, strict=True):
+        n = int(c.sum())
+        coefficient = math.lgamma(n + 1) - sum(math.lgamma(y + 1) for y in c)  # Scruples' score leaves it out
+        nll.append(-(stats.dirichlet_multinomial.logpmf(c, alpha, n) - coefficient))
+    np.testing.assert_allclose(per_item["dirichlet"], nll, rtol=1e-9)
+    assert result["metrics"]["dirichlet"]["value"] == pytest.approx(np.mean(nll), rel=1e-9)
+    c1 = metrics.dirichlet(counts, np.log(p), 1.0)  # what the cell would get with c = 1: not this
+    assert not np.allclose(per_item["dirichlet"], c1)
 
 
 def test_trained_folder_is_checked_against_its_base(bases, processed, tmp_path):
-    from moralign.errors import DataError
-
     cfg = validate(small_config(epochs=1))
     out = tmp_path / "bert"
     train_encoder.run(cfg, "tiny-bert", "dilemmas", processed["dilemmas"], bases["bert"], out)
@@ -349,6 +552,38 @@ def test_figures_place_a_trained_only_model_beside_the_chat_models(tmp_path, mon
     figures.scatter_figure(cells, "A", "d", tmp_path / "scatter", ["base", "votes", "trained"])
     titles = [ax.get_title() for ax in seen["fig"][1].axes[:2]]
     assert titles == ["base", "trained"]  # the run's order; a condition without cells is left out
+
+
+def test_trained_encoders_beat_the_train_prior_on_every_dataset(bases, processed, tmp_path):
+    """Both tiny encoders, trained as Scruples trained them, beat the train prior's test xentropy on dilemmas and on
+    both anecdote datasets. The anecdotes model is Scruples' five-way head: ONE model gives the anecdotes-5way row
+    (the head itself) and the binary row (the head collapsed), so it is trained once per encoder here."""
+    from moralign.references import mean_distribution
+
+    cfg = validate(
+        small_config(epochs=10, learning_rate=3e-3, batch_size=8, max_length={"anecdotes": 64, "dilemmas": 32})
+    )
+    beaten = {}
+    for arch in ("bert", "roberta"):
+        model = f"tiny-{arch}"
+        for trained_on, scored in (("anecdotes", ("anecdotes", "anecdotes-5way")), ("dilemmas", ("dilemmas",))):
+            out = tmp_path / f"{arch}-{trained_on}"
+            train_encoder.run(cfg, model, trained_on, processed[trained_on], bases[arch], out)
+            meta = json.loads((out / "metadata.json").read_text())
+            tokenizer = load_tokenizer(str(out))
+            net = encoders.load_model(out, trained_on, torch.device("cpu"))
+            for dataset in scored:
+                test = pd.read_parquet(processed[dataset] / "test.parquet")
+                units = encoders.InputEncoder(tokenizer, dataset, meta["max_length"]).encode(test)
+                logp = encoders.task_log_probs(net.predict(units, 4096), dataset)
+                counts = counts_matrix(test)
+                h = counts / counts.sum(1, keepdims=True)
+                prior = mean_distribution(counts_matrix(pd.read_parquet(processed[dataset] / "train.parquet")))
+                beaten[model, dataset] = (
+                    float(metrics.xentropy(h, logp).mean()),
+                    float(metrics.xentropy(h, np.log(prior)[None].repeat(len(h), 0)).mean()),
+                )
+    assert all(model < prior for model, prior in beaten.values()), beaten
 
 
 # ----------------------------------------------------------------------------------------------------- resume

@@ -79,6 +79,7 @@ from moralign.io import atomic_dir, write_json, write_parquet
 __all__ = [
     "ANECDOTE_LABELS",
     "ARCHIVES",
+    "LABEL_COUNTS",
     "MAX_ANNOTATORS",
     "MAX_VOTES",
     "SPLITS",
@@ -105,6 +106,9 @@ POST_TYPES = ("HISTORICAL", "HYPOTHETICAL")
 # Plausibility bounds on vote counts (see the table above): far above anything real, far below int64 trouble.
 MAX_VOTES = 100_000
 MAX_ANNOTATORS = 1_000
+# The binary anecdotes table also keeps each item's five-way votes (AUTHOR, OTHER, EVERYBODY, NOBODY, INFO): the
+# encoder baseline trains Scruples' five-way head on them and collapses it to (WRONG, RIGHT) (moralign.encoders).
+LABEL_COUNTS = "label_counts"
 
 
 @dataclass(frozen=True)
@@ -493,6 +497,8 @@ def task_table(task: Task, rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, di
     frame = pd.DataFrame({"id": [r["id"] for r in rows]})
     for field in task.fields:
         frame[field] = [r[field] for r in rows]
+    if task.archive == "anecdotes" and key != "counts5":
+        frame[LABEL_COUNTS] = list(np.array([r["counts5"] for r in rows], dtype=np.int64).reshape(len(rows), 5))
     frame = frame[keep].reset_index(drop=True)
     counts, n_votes = counts[keep], n_votes[keep]
     top = counts.max(axis=1, keepdims=True)

@@ -3,8 +3,12 @@
 Set-up of Lourie, Le Bras & Choi (AAAI 2021), from their code (allenai/scruples, ``src/scruples/baselines/``:
 ``bert.py``, ``roberta.py``, ``loss.py``, ``train.py``; ``src/scruples/dataset/transforms.py``):
 
-* **Anecdotes** (``anecdotes``, ``anecdotes-5way``): sequence classification over the pair (title, text), one
-  logit per choice (2 or 5 labels). Inputs are at most ``max_length`` = 512 tokens, special tokens included. As
+* **Anecdotes** (``anecdotes``, ``anecdotes-5way``): sequence classification over the pair (title, text) with
+  Scruples' five-way head (AUTHOR, OTHER, EVERYBODY, NOBODY, INFO), trained on the five-way vote counts for both
+  datasets. ``anecdotes-5way`` reads the head directly; the binary ``anecdotes`` collapses it the way the release
+  binarises the votes: WRONG = AUTHOR + EVERYBODY, RIGHT = OTHER + NOBODY, INFO dropped, renormalised
+  (:func:`task_log_probs`). A 2-way head trained on the binarised counts would be another model than the one
+  Scruples published. Inputs are at most ``max_length`` = 512 tokens, special tokens included. As
   in Scruples' ``BertTransform`` (truncation strategy ``beginning`` for both pieces), the BEGINNING of each piece
   is kept: each piece may use half the room and the other's unused half, so a short title is kept whole and the
   text loses its end. An item with an empty text is encoded as the title alone.
@@ -15,18 +19,25 @@ Set-up of Lourie, Le Bras & Choi (AAAI 2021), from their code (allenai/scruples,
 * **Losses** (``loss.py``): ``xentropy-soft``, cross-entropy against the vote distribution (the default), and
   ``dirichlet-multinomial``, the negative log-likelihood of the votes under a Dirichlet-multinomial with
   α = exp(logits), without the multinomial coefficient (Scruples' form; it does not depend on the model). Either
-  way the predicted distribution is softmax(logits) = α / Σα.
+  way the predicted distribution is softmax(logits) = α / Σα. A model trained with the Dirichlet-multinomial loss
+  also predicts how sure it is, Σα, which its predictions keep (:func:`task_concentration`): the score's
+  ``dirichlet`` is then the model's own likelihood, Scruples' score of such a model.
 * **Optimisation** (``train.py``): AdamW with no weight decay on biases and LayerNorm weights, a linear warm-up
   over ``warmup_proportion`` of the steps then linear decay to 0, a fixed number of epochs with the dev set
-  evaluated after each; the best epoch is kept. Scruples kept the epoch with the best dev *calibrated*
-  xentropy; here it is the dev xentropy, the table's headline (the calibrated number is reported by ``score``).
-  A diverged (NaN) loss stops the job with an error instead of producing a row.
+  evaluated after each; the epoch with the best dev *calibrated* xentropy is kept (Scruples' criterion: the
+  xentropy after one temperature fitted on the dev logits themselves, :func:`calibrated_xentropy`), so an epoch
+  is judged by what its scores rank, not by how sharp they happen to be. A diverged (NaN) loss stops the job with
+  an error instead of producing a row.
 
 Beyond Scruples, for speed: batches are length-sorted (items are drawn in random pools of
 :data:`POOL_BATCHES` batches, sorted by length inside a pool, cut into batches whose order is shuffled), and every
 optimiser batch is run in micro-batches under ``token_budget`` padded tokens with gradient accumulation (Scruples
 accumulated over fixed micro-batches of 2); on CUDA the forward pass runs in bfloat16 autocast (weights and AdamW
-state stay float32). Training checkpoints everything (weights, optimiser, schedule, random state, best epoch so far)
+state stay float32). Prediction runs at the precision the best epoch was selected with (float32 weights, and the
+same autocast when it runs on CUDA: :func:`prediction_autocast`), so the selected model is the one scored.
+Item text is always plain text: a ``[SEP]``, ``</s>`` or ``<s>`` written in a post is tokenized as its
+characters, never as the special token it spells (only the tokenizer's post-processor adds special tokens).
+Training checkpoints everything (weights, optimiser, schedule, random state, best epoch so far)
 every ``checkpoint_steps`` optimiser steps and after every epoch; a killed job resumes from its last checkpoint
 and ends with the same weights and predictions as an uninterrupted one (each epoch's batches are a function of the
 seed and the epoch; bit for bit on a CPU, up to the few CUDA kernels without a deterministic version on a GPU).
@@ -49,7 +60,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moralign.data import TASKS
+from moralign import metrics
+from moralign.data import ANECDOTE_LABELS, LABEL_COUNTS, TASKS, counts_matrix
 from moralign.errors import DataError
 from moralign.io import atomic_path, read_json
 
@@ -62,6 +74,12 @@ PAIR_FIELDS = ("title", "text")  # the anecdote pair, in Scruples' order
 # mixes items from across the split.
 POOL_BATCHES = 16
 METADATA = "metadata.json"
+# The epoch kept is the one with the lowest value of this dev metric (Scruples' criterion).
+SELECTION = "dev_calibrated_xentropy"
+# Tasks read from a head with more labels: each choice is the sum of these head labels (the rest is dropped).
+# anecdotes: the release's binarisation (moralign.data checks it on every record), in the task's choice order.
+COLLAPSE: dict[str, tuple[tuple[str, ...], ...]] = {"anecdotes": (("AUTHOR", "EVERYBODY"), ("OTHER", "NOBODY"))}
+HEAD_LABELS: dict[str, tuple[str, ...]] = {"anecdotes": ANECDOTE_LABELS}
 
 Unit = tuple[list[int], list[int]]  # token ids and token type ids of one encoded sequence
 
@@ -69,6 +87,70 @@ Unit = tuple[list[int], list[int]]  # token ids and token type ids of one encode
 def head_of(dataset: str) -> str:
     """``choice`` for a task whose choices are texts of their own (dilemmas), else ``sequence``."""
     return HEAD_CHOICE if TASKS[dataset].option_fields else HEAD_SEQUENCE
+
+
+def head_labels(dataset: str) -> tuple[str, ...]:
+    """The labels of the head trained for ``dataset`` (one logit each): the task's choices, or Scruples' five."""
+    return HEAD_LABELS.get(dataset, TASKS[dataset].choices)
+
+
+def head_counts(frame: pd.DataFrame, dataset: str) -> np.ndarray:
+    """The (items, head labels) vote counts the head of ``dataset`` is trained and selected on."""
+    if dataset not in HEAD_LABELS:
+        return counts_matrix(frame)
+    if LABEL_COUNTS not in frame.columns:
+        raise DataError(
+            f"the processed {dataset} table has no column {LABEL_COUNTS!r} (the five-way votes the encoder is "
+            "trained on): it was prepared by an older moralign; run prepare again"
+        )
+    return np.stack(frame[LABEL_COUNTS].to_numpy()).astype(np.int64)
+
+
+def _groups(dataset: str) -> list[list[int]] | None:
+    if dataset not in COLLAPSE:
+        return None
+    labels = head_labels(dataset)
+    return [[labels.index(name) for name in group] for group in COLLAPSE[dataset]]
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    top = x.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def task_log_probs(logits: np.ndarray, dataset: str) -> np.ndarray:
+    """The task's log p from the head's (items, labels) logits.
+
+    The softmax of the head, each task choice the sum of its head labels, renormalised over the task's choices
+    (INFO dropped, as the binarised votes drop it); for a head that is the task, just log_softmax.
+    """
+    logp = logits - _logsumexp(logits)[:, None]
+    groups = _groups(dataset)
+    if groups is None:
+        return logp
+    merged = np.stack([_logsumexp(logp[:, g]) for g in groups], axis=1)
+    return merged - _logsumexp(merged)[:, None]
+
+
+def task_concentration(logits: np.ndarray, dataset: str) -> np.ndarray:
+    """Σα over the task's choices, α = exp(logits) (what a Dirichlet-multinomial head predicts besides p).
+
+    Summing Dirichlet components gives a Dirichlet with the summed α, and the share of WRONG among the binarised
+    votes is Beta(α_WRONG, α_RIGHT) whatever INFO gets: so the binary task's concentration is the α of its four
+    labels, INFO's left out.
+    """
+    groups = _groups(dataset)
+    columns = list(range(logits.shape[1])) if groups is None else sorted(i for g in groups for i in g)
+    return np.exp(_logsumexp(logits[:, columns]))
+
+
+def prediction_autocast(trained_autocast: bool, device: torch.device) -> bool:
+    """Whether prediction runs in bfloat16 autocast: where training selected its epoch that way, on CUDA.
+
+    Weights are always float32, as in training. bfloat16 autocast is CUDA's (training refuses it elsewhere); a
+    model trained so but predicted on a CPU runs in float32, the closest precision there.
+    """
+    return trained_autocast and device.type == "cuda"
 
 
 def max_length_of(settings: dict[str, Any], dataset: str) -> int:
@@ -100,6 +182,9 @@ class InputEncoder:
         self.backend = copy.deepcopy(tokenizer.backend_tokenizer)
         self.backend.no_truncation()
         self.backend.no_padding()
+        # item text is text: a post that writes "[SEP]" or "</s>" gets those characters, not the special token
+        # (which would end a segment early); the post-processor still adds the real ones around each piece
+        self.backend.encode_special_tokens = True
 
     def _encode(self, texts: Sequence[str]) -> list[Any]:
         return self.backend.encode_batch(list(texts), add_special_tokens=False)
@@ -161,10 +246,23 @@ LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] 
 
 
 def xentropy(logits: np.ndarray, counts: np.ndarray) -> float:
-    """Mean soft-label cross-entropy of softmax(logits) against the vote distributions (the selection metric)."""
+    """Mean soft-label cross-entropy of softmax(logits) against the vote distributions."""
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     return float(-(counts / counts.sum(-1, keepdims=True) * logp).sum(-1).mean())
+
+
+def calibrated_xentropy(logits: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """Scruples' selection metric: xentropy of softmax(logits / T), T fitted on these items; returns (value, T)."""
+    h = counts / counts.sum(-1, keepdims=True)
+    logp = logits - _logsumexp(logits)[:, None]
+    temperature = metrics.fit_temperature(h, logp)
+    return xentropy(logits / temperature, counts), temperature
+
+
+def better(record: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    """Whether an epoch's dev ``record`` beats the ``best`` so far under :data:`SELECTION` (ties: the earlier)."""
+    return best is None or record[SELECTION] < best[SELECTION]
 
 
 # ---------------------------------------------------------------------------------------------------- batching
@@ -292,7 +390,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForMultipleChoice, AutoModelForSequenceClassification
 
     head = head_of(dataset)
-    choices = TASKS[dataset].choices
+    choices = head_labels(dataset)
     if head == HEAD_CHOICE:
         net = AutoModelForMultipleChoice.from_pretrained(str(folder), dtype=dtype)
     else:
@@ -463,10 +561,13 @@ class Trainer:
                     self._checkpoint({**state, "epoch": epoch, "batch": b + 1, "losses": losses, "tokens": tokens})
             seconds = time.perf_counter() - t_epoch
             dev_logits = self.model.predict(dev.items, s["token_budget"])
+            calibrated, temperature = calibrated_xentropy(dev_logits, dev.counts)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": float(np.mean(losses)) if losses else None,
                 "dev_xentropy": xentropy(dev_logits, dev.counts),
+                "dev_calibrated_xentropy": calibrated,
+                "dev_temperature": temperature,
                 "dev_loss": float(
                     self.loss(torch.from_numpy(dev_logits), torch.from_numpy(dev.counts.astype(np.float64))).mean()
                 ),
@@ -476,8 +577,8 @@ class Trainer:
             log.info("epoch %d/%d: %s", epoch + 1, s["epochs"], record)
             history = [*state["history"], record]
             best = state["best"]
-            if best is None or record["dev_xentropy"] < best["dev_xentropy"]:
-                best = {"epoch": epoch + 1, "dev_xentropy": record["dev_xentropy"]}
+            if better(record, best):
+                best = {k: record[k] for k in ("epoch", "dev_xentropy", "dev_calibrated_xentropy", "dev_temperature")}
                 _save(self.model.net.state_dict(), self.checkpoints / "best.pt")
             state = {"epoch": epoch + 1, "batch": 0, "best": best, "history": history, "losses": [], "tokens": 0}
             self._checkpoint(state)
@@ -487,8 +588,11 @@ class Trainer:
         return {
             "steps": total,
             "steps_per_epoch": per_epoch,
+            "selection": SELECTION,
             "best_epoch": state["best"]["epoch"],
             "best_dev_xentropy": state["best"]["dev_xentropy"],
+            "best_dev_calibrated_xentropy": state["best"]["dev_calibrated_xentropy"],
+            "best_dev_temperature": state["best"]["dev_temperature"],
             "history": state["history"],
             "resumed_from": {"epoch": resumed_from[0], "batch": resumed_from[1]} if resumed_from else None,
             "wall_seconds": round(time.perf_counter() - t0, 2),
@@ -508,6 +612,11 @@ def check_trained(folder: str | Path, base_dir: str | Path, dataset: str) -> dic
     meta = read_json(folder / METADATA)
     if meta.get("dataset") != dataset:
         raise DataError(f"{folder}: trained on {meta.get('dataset')!r}, not {dataset!r}")
+    if meta.get("head_labels") != list(head_labels(dataset)):
+        raise DataError(
+            f"{folder}: its head has the labels {meta.get('head_labels')}, not {list(head_labels(dataset))} "
+            "(trained by an older moralign?): run train_encoder again"
+        )
     base = base_identity(base_dir)
     if (meta.get("base") or {}).get("weights") != base["weights"]:
         raise DataError(

@@ -73,9 +73,12 @@ def dirichlet_multinomial_nll(counts: np.ndarray, log_alpha: np.ndarray) -> np.n
     return -loglik
 
 
-def dirichlet(counts: np.ndarray, logp: np.ndarray, concentration: float = 1.0) -> np.ndarray:
-    """Per-item Dirichlet-multinomial NLL with alpha = c * p (c = 1 is the paper's setting)."""
-    return dirichlet_multinomial_nll(counts, np.log(concentration) + logp)
+def dirichlet(counts: np.ndarray, logp: np.ndarray, concentration: float | np.ndarray = 1.0) -> np.ndarray:
+    """Per-item Dirichlet-multinomial NLL with alpha = c * p (c = 1 is the paper's setting).
+
+    ``concentration`` is one c for every item, or one per item (a model that predicts its own Σα).
+    """
+    return dirichlet_multinomial_nll(counts, np.log(np.asarray(concentration, dtype=float))[..., None] + logp)
 
 
 def paper_xentropy(h: np.ndarray, logp: np.ndarray) -> np.ndarray:
@@ -175,6 +178,16 @@ def check_inputs(
             raise ValueError(f"{len(rows)} item(s) {reason}: {_describe(rows, ids)}")
 
 
+def check_concentration(values: np.ndarray, n_items: int, ids: Sequence[str] | None = None) -> None:
+    """Raise ValueError naming the items whose predicted concentration Σα is not a finite positive number."""
+    values = np.asarray(values, dtype=float)
+    if values.shape != (n_items,):
+        raise ValueError(f"{values.shape} concentrations for {n_items} items")
+    bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+    if len(bad):
+        raise ValueError(f"{len(bad)} item(s) have a concentration that is not finite and > 0: {_describe(bad, ids)}")
+
+
 def fit_temperature(h: np.ndarray, logp: np.ndarray) -> float:
     """Temperature T minimising dev xentropy of softmax(log p / T) (Scruples' calibration)."""
 
@@ -223,13 +236,19 @@ def per_item_metrics(
     temperature: float,
     concentration: float,
     ids: Sequence[str] | None = None,
+    own_concentration: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Every per-item metric; inputs are checked first (:func:`check_inputs`, errors name ``ids``).
+
+    ``own_concentration``: the Σα a model predicted per item (Dirichlet-multinomial encoders); ``dirichlet`` then
+    scores the model's own α = Σα · p, Scruples' score of such a model, instead of c = 1.
 
     Accuracy is the predicted share of the majority choice (1/k on a predicted k-way tie) and NaN on items whose
     human majority is tied, the only NaN any metric holds: the means skip those items and count them.
     """
     check_inputs(counts, logp, coverage, ids)
+    if own_concentration is not None:
+        check_concentration(own_concentration, len(counts), ids)
     n = counts.sum(axis=1, keepdims=True)
     h = counts / n
     labels = majority_labels(counts)
@@ -237,7 +256,7 @@ def per_item_metrics(
     items = {
         "xentropy": xentropy(h, logp),
         "calibrated_xentropy": xentropy(h, log_softmax(logp / temperature, axis=1)),
-        "dirichlet": dirichlet(counts, logp, 1.0),
+        "dirichlet": dirichlet(counts, logp, 1.0 if own_concentration is None else own_concentration),
         "dirichlet_fitted": dirichlet(counts, logp, concentration),
         "paper_xentropy": paper_xentropy(h, logp),
         "total_variation": total_variation(h, logp),
@@ -265,19 +284,22 @@ def summarise(
     resamples: int = 1000,
     seed: int = 0,
     ids: Sequence[str] | None = None,
+    own_concentration: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Every metric of one cell with its 95 % bootstrap interval, plus the fitted T and c.
 
     ``dev`` = (dev counts, dev log p) for the fitted temperature and concentration; without it they are 1.
-    ``ids`` name the items in errors.
+    ``ids`` name the items in errors. ``own_concentration``: see :func:`per_item_metrics`; ``dirichlet_alpha``
+    says which α the ``dirichlet`` metric used ("model" or "c=1").
     """
     temperature, concentration = fit_on_dev(dev)
-    items = per_item_metrics(counts, logp, coverage, temperature, concentration, ids)
+    items = per_item_metrics(counts, logp, coverage, temperature, concentration, ids, own_concentration)
     idx = bootstrap_indices(len(counts), resamples, seed) if resamples else None
     out: dict[str, Any] = {
         "metrics": {},
         "temperature": temperature,
         "concentration": concentration,
+        "dirichlet_alpha": "c=1" if own_concentration is None else "model",
         "n_items": len(counts),
         "n_ties": int((majority_labels(counts) < 0).sum()),
     }

@@ -21,6 +21,7 @@ class Aligned:
     counts: np.ndarray
     logp: np.ndarray
     coverage: np.ndarray
+    concentration: np.ndarray | None = None  # Σα per item, from a model trained with a Dirichlet-multinomial loss
 
     @property
     def dev_pair(self) -> tuple[np.ndarray, np.ndarray]:
@@ -41,9 +42,14 @@ def load_aligned(pred_dir: Path, split: str, data_dir: Path) -> Aligned:
         missing = merged.loc[merged["counts"].isna(), "id"].head(3).tolist()
         raise ValueError(f"{pred_dir / (split + '.parquet')}: ids not in {data_dir / split}.parquet, e.g. {missing}")
     p = np.stack(merged["p"].to_numpy())
-    aligned = Aligned(list(merged["id"]), counts_matrix(merged), metrics.log_probs(p), merged["coverage"].to_numpy())
+    own = merged["concentration"].to_numpy(dtype=float) if "concentration" in merged.columns else None
+    aligned = Aligned(
+        list(merged["id"]), counts_matrix(merged), metrics.log_probs(p), merged["coverage"].to_numpy(), own
+    )
     try:
         metrics.check_inputs(aligned.counts, aligned.logp, aligned.coverage, aligned.ids)
+        if own is not None:
+            metrics.check_concentration(own, len(own), aligned.ids)
     except ValueError as err:
         raise ValueError(f"{pred_dir / (split + '.parquet')}: {err}") from None
     return aligned
@@ -67,7 +73,9 @@ def score_cell(
     resamples, seed = settings["bootstrap_resamples"], settings["seed"]
     cell = load_aligned(pred_dir, split, data_dir)
     dev = load_aligned(pred_dir, "dev", data_dir).dev_pair
-    result = metrics.summarise(cell.counts, cell.logp, cell.coverage, dev, resamples, seed, cell.ids)
+    result = metrics.summarise(
+        cell.counts, cell.logp, cell.coverage, dev, resamples, seed, cell.ids, cell.concentration
+    )
     per_item = result.pop("per_item")
     if baseline_dir is not None:
         base = load_aligned(baseline_dir, split, data_dir)
@@ -75,7 +83,9 @@ def score_cell(
             raise ValueError(f"{baseline_dir} and {pred_dir} do not cover the same items in the same order")
         base_dev = load_aligned(baseline_dir, "dev", data_dir).dev_pair
         base_fit = metrics.fit_on_dev(base_dev)
-        base_items = metrics.per_item_metrics(base.counts, base.logp, base.coverage, *base_fit, base.ids)
+        base_items = metrics.per_item_metrics(
+            base.counts, base.logp, base.coverage, *base_fit, base.ids, base.concentration
+        )
         diff = {name: metrics.paired_difference(base_items[name], per_item[name], resamples, seed) for name in per_item}
         diff["macro_f1"] = metrics.paired_macro_f1_difference(cell.counts, base.logp, cell.logp, resamples, seed)
         result["difference_to_base"] = diff

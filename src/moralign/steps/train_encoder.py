@@ -10,7 +10,6 @@ import pandas as pd
 
 from moralign import encoders
 from moralign.config import Config, ConfigError, digest
-from moralign.data import counts_matrix
 from moralign.io import atomic_dir, environment, read_json, write_json
 from moralign.modelfiles import base_identity, check_model_folder
 
@@ -31,8 +30,10 @@ def run(cfg: Config, model: str, dataset: str, data_dir: Path, base_dir: Path, o
             "settings": settings,
             "model": cfg.model(model),
             "dataset": dataset,
+            "head": encoders.head_labels(dataset),
+            "selection": encoders.SELECTION,
             "base": base_identity(base_dir)["weights"],
-            "data": {s: [list(f["id"]), counts_matrix(f).tolist()] for s, f in frames.items()},
+            "data": {s: [list(f["id"]), encoders.head_counts(f, dataset).tolist()] for s, f in frames.items()},
         }
     )
     meta_path = out_dir / encoders.METADATA
@@ -47,7 +48,7 @@ def run(cfg: Config, model: str, dataset: str, data_dir: Path, base_dir: Path, o
     tokenizer = load_tokenizer(str(base_dir))
     max_length = encoders.max_length_of(settings, dataset)
     encoder = encoders.InputEncoder(tokenizer, dataset, max_length)
-    train, dev = (encoders.Split(encoder.encode(f), counts_matrix(f)) for f in frames.values())
+    train, dev = (encoders.Split(encoder.encode(f), encoders.head_counts(f, dataset)) for f in frames.values())
     torch.manual_seed(settings["seed"])  # the new head's initial weights
     net = encoders.load_model(base_dir, dataset, device, autocast=bf16)
     checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
@@ -58,6 +59,7 @@ def run(cfg: Config, model: str, dataset: str, data_dir: Path, base_dir: Path, o
         "base": base_identity(base_dir),
         "dataset": dataset,
         "head": encoder.head,
+        "head_labels": list(encoders.head_labels(dataset)),
         "max_length": max_length,
         "hyperparameters": settings,
         "train_items": len(train.items),
@@ -71,8 +73,10 @@ def run(cfg: Config, model: str, dataset: str, data_dir: Path, base_dir: Path, o
         tokenizer.save_pretrained(tmp)
         write_json(tmp / encoders.METADATA, meta)
     log.info(
-        "%s: best dev xentropy %.4f at epoch %d of %d (%.1f s)",
+        "%s: best dev calibrated xentropy %.4f (T %.3f; xentropy %.4f) at epoch %d of %d (%.1f s)",
         out_dir,
+        result["best_dev_calibrated_xentropy"],
+        result["best_dev_temperature"],
         result["best_dev_xentropy"],
         result["best_epoch"],
         settings["epochs"],
