@@ -171,3 +171,16 @@ def test_base_weights_and_the_censored_share_of_api_rows(tmp_path):
     assert r"$\ddagger$" in (tmp_path / "out/results.tex").read_text()
     report = (tmp_path / "out/censoring.md").read_text()
     assert "## gpt · dilemmas · base" in report and "## mini · dilemmas · base" in report and "## m " not in report
+
+
+def test_an_encoders_own_concentration_is_marked(tmp_path):
+    cell = _cell(tmp_path, "enc", "trained", 0)
+    score = json.loads((tmp_path / "dilemmas/enc/trained/seed-0.json").read_text())
+    cell["dirichlet_alpha"] = score["dirichlet_alpha"] = "model"
+    (tmp_path / "dilemmas/enc/trained/seed-0.json").write_text(json.dumps(score))
+    tables.tabulate([cell, _cell(tmp_path, "m", "base")], [], tmp_path / "out", SETTINGS)
+    md = (tmp_path / "out/results.md").read_text()
+    enc = next(line for line in md.splitlines() if "| enc |" in line)
+    base = next(line for line in md.splitlines() if "| m |" in line)
+    assert enc.count("§") == 1 and "§" not in base
+    assert "§ dirichlet with the model's own concentration" in md

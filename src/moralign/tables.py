@@ -36,6 +36,7 @@ TABLE_METRICS = (
 CENSORED_MARK_ABOVE = 0.05
 CENSORED_MARK = "‡"
 BEST_MARK = "†"
+OWN_ALPHA_MARK = "§"
 ROW_KEYS = ["dataset", "model", "condition"]
 
 
@@ -82,6 +83,8 @@ def table_rows(cells: list[dict[str, Any]], settings: dict[str, Any]) -> list[di
                 "seeds": aggregate.describe(items)["seeds"],
                 "weights": weights_label(group[0]["provenance"]),
                 "censored_share": float(np.mean(censoring)) if censoring else math.nan,
+                # a Dirichlet-multinomial encoder's dirichlet is scored with its own alpha, not c = 1
+                "own_alpha": any(c.get("dirichlet_alpha") == "model" for c in group),
             }
         )
     return rows
@@ -148,6 +151,7 @@ def results_frame(
                     "seeds": cell.get("seeds", 0),
                     "weights": cell.get("weights", ""),
                     "censored_share": cell.get("censored_share", math.nan),
+                    "own_alpha": cell.get("own_alpha", False),
                 }
             )
     for ref in references:
@@ -210,7 +214,7 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     a predictor can reach (:data:`moralign.references.BEST_FLOORS`), blank and marked elsewhere.
     """
     long = long.copy()
-    for column, default in (("seeds", 0), ("weights", ""), ("censored_share", math.nan)):
+    for column, default in (("seeds", 0), ("weights", ""), ("censored_share", math.nan), ("own_alpha", False)):
         if column not in long:
             long[column] = default
     best = {}
@@ -220,9 +224,14 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
         if len(values):
             best[(dataset, metric)] = values.min() if LOWER_IS_BETTER[metric] else values.max()
     not_a_bound = (long["kind"] == "reference") & (long["model"] == "best") & ~long["metric"].isin(BEST_FLOORS)
+    own_alpha = (long["metric"] == "dirichlet") & (long["own_alpha"] == True)  # noqa: E712 (NaN on reference rows)
     long["text"] = [
-        BEST_MARK if blank else _fmt(v, lo, hi) + ("*" if k == "model" and best.get((d, m)) == v else "")
-        for v, lo, hi, k, d, m, blank in zip(
+        BEST_MARK
+        if blank
+        else _fmt(v, lo, hi)
+        + (f" {OWN_ALPHA_MARK}" if own else "")
+        + ("*" if k == "model" and best.get((d, m)) == v else "")
+        for v, lo, hi, k, d, m, blank, own in zip(
             long["value"],
             long["low"],
             long["high"],
@@ -230,6 +239,7 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
             long["dataset"],
             long["metric"],
             not_a_bound,
+            own_alpha,
             strict=True,
         )
     ]
@@ -243,9 +253,10 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     wide = wide.sort_values(["dataset", "_order", "model", "condition"]).drop(columns="_order")
     cols = [m for m in TABLE_METRICS if m in wide.columns]
     wide["items"] = [str(int(x)) if not pd.isna(x) else "" for x in wide["n_items"]]
-    wide["seeds"] = [str(int(x)) if k == "model" and not pd.isna(x) and x > 0 else "" for x, k in zip(
-        wide["seeds"], wide["kind"], strict=True
-    )]
+    wide["seeds"] = [
+        str(int(x)) if k == "model" and not pd.isna(x) and x > 0 else ""
+        for x, k in zip(wide["seeds"], wide["kind"], strict=True)
+    ]
     wide["weights"] = wide["weights"].fillna("")
     front = ["dataset", "kind", "model", "condition", "weights", "seeds"]
     if wide["censored_share"].notna().any():
@@ -270,6 +281,11 @@ def notes(wide: pd.DataFrame, split: str) -> list[str]:
         f"paper_xentropy is the paper's (mis-specified) cross-entropy, kept for comparison with {PAPER_CITATION}; "
         "published rows are theirs.",
     ]
+    if any(OWN_ALPHA_MARK in str(v) for v in wide.to_numpy().ravel()):
+        out.append(
+            f"{OWN_ALPHA_MARK} dirichlet with the model's own concentration (an encoder trained with the "
+            "Dirichlet-multinomial loss predicts alpha, not only p: Scruples' score); every other row uses c = 1."
+        )
     if "censored" in wide.columns:
         out.append(
             f"censored: share of items with an answer absent from the API's top log-probabilities, given its upper "
@@ -299,6 +315,7 @@ def _tex(text: str) -> str:
         .replace("↑", r"$\uparrow$")
         .replace(BEST_MARK, r"$\dagger$")
         .replace(CENSORED_MARK, r"$\ddagger$")
+        .replace(OWN_ALPHA_MARK, r"\S")
     )
 
 
