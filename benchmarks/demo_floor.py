@@ -33,7 +33,7 @@ OVERLAY = Path(__file__).with_name("demo_floor.yaml")
 
 
 def clean(run: str) -> None:
-    """Delete every output and log of ``run`` (the path grammar of moralign.stages)."""
+    """Delete every output and log of ``run`` (the path grammar of moralign.pipeline.table)."""
     for root in ("data", "models", "results", "reports"):
         shutil.rmtree(ROOT / root / run, ignore_errors=True)
     for folder in (ROOT / "logs").glob(f"*/{run}"):

@@ -128,7 +128,7 @@ def demo_run(tmp_path_factory) -> Path:
 
 def dvc_yaml_for(repo: Path, config: str) -> None:
     """Generate ``repo/dvc.yaml`` for ``config`` the way docs/reproducibility.md says."""
-    out = run([sys.executable, "-m", "moralign.stages", "dvc", "--config", config], repo).stdout
+    out = run([sys.executable, "-m", "moralign.pipeline", "dvc", "--config", config], repo).stdout
     (repo / "dvc.yaml").write_text(out)
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from moralign import stages
 from moralign.config import load_config
+from moralign.pipeline import code as pipeline_code
+from moralign.pipeline import table as stages
+from moralign.pipeline.plan import Plan, fill
 from tests.conftest import ROOT, copy_repo, dvc_yaml_for, run
 
 CONFIG_ARG = re.compile(r"--config \S+")
@@ -61,8 +63,30 @@ def dvc_plan(repo: Path) -> dict[tuple[str, frozenset], dict]:
 
 
 def test_committed_dvc_yaml_is_generated_from_the_table():
-    generated = run([sys.executable, "-m", "moralign.stages", "dvc"], ROOT).stdout
-    assert (ROOT / "dvc.yaml").read_text() == generated, "regenerate: python -m moralign.stages dvc > dvc.yaml"
+    generated = run([sys.executable, "-m", "moralign.pipeline", "dvc"], ROOT).stdout
+    assert (ROOT / "dvc.yaml").read_text() == generated, "regenerate: python -m moralign.pipeline dvc > dvc.yaml"
+
+
+@pytest.mark.parametrize("config", ["params.yaml", "config/demo.yaml"])
+def test_committed_rules_are_generated_from_the_table(config):
+    """The rule files are the generator's output, and the same for every configuration (run is a wildcard)."""
+    from moralign.config import load_config
+    from moralign.pipeline.plan import Plan
+    from moralign.pipeline.rules import rule_files
+
+    for rel, text in rule_files(Plan(load_config(ROOT / config))).items():
+        assert (ROOT / rel).read_text() == text, f"regenerate: python -m moralign.pipeline rules ({rel})"
+
+
+def test_no_rule_block_is_a_copy_of_another():
+    """Every generated rule shows its own paths and command: no two blocks are the same text with another name."""
+    blocks = []
+    for path in sorted((ROOT / "workflow/rules").glob("*.smk")):
+        for block in path.read_text().split("\n\n\nrule ")[1:]:
+            name, body = block.split(":", 1)
+            blocks.append((name, body.replace(name, "<stage>")))
+    bodies = [body for _, body in blocks]
+    assert len(blocks) == len(stages.STAGES) and len(set(bodies)) == len(bodies)
 
 
 @pytest.mark.parametrize("config", ["params.yaml", "config/demo.yaml"])
@@ -104,7 +128,9 @@ def test_code_dependencies_follow_the_imports():
     # every module of the package is run by some step (or is the table itself)
     runs = set().union(*by_stage.values())
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "src/moralign").rglob("*.py")}
-    assert modules - runs <= {"src/moralign/stages.py"}, modules - runs
+    generators = ("__init__", "__main__", "table", "code", "plan", "rules", "dvcfile")
+    table = {f"src/moralign/pipeline/{m}.py" for m in generators}
+    assert modules - runs <= table, modules - runs
 
 
 def test_module_imports_are_found_anywhere(tmp_path, monkeypatch):
@@ -117,13 +143,13 @@ def test_module_imports_are_found_anywhere(tmp_path, monkeypatch):
         "import json\nfrom pathlib import Path\nX = Path(__file__).with_name('t.csv')\n"
     )
     (package / "sub" / "t.csv").write_text("x\n")
-    monkeypatch.setattr(stages, "SRC", package)
-    monkeypatch.setattr(stages, "ROOT", tmp_path)
-    stages.module_dependencies.cache_clear()
+    monkeypatch.setattr(pipeline_code, "SRC", package)
+    monkeypatch.setattr(pipeline_code, "ROOT", tmp_path)
+    pipeline_code.module_dependencies.cache_clear()
     try:
-        found = stages.module_dependencies("moralign.a")
+        found = pipeline_code.module_dependencies("moralign.a")
     finally:
-        stages.module_dependencies.cache_clear()
+        pipeline_code.module_dependencies.cache_clear()
     assert found == {
         "moralign/a.py",
         "moralign/__init__.py",
@@ -150,15 +176,15 @@ def _name(rule: str, key: str) -> str:
     return f"{rule}@{key}" if key else rule
 
 
-def _instances(plan: stages.Plan) -> list[tuple[str, str, set[str], set[str]]]:
+def _instances(plan: Plan) -> list[tuple[str, str, set[str], set[str]]]:
     """(rule, instance key, inputs, outputs) of every instance, from the table."""
     out = []
     for stage in plan.stages:
         inputs, outputs = plan.inputs(stage), plan.outputs(stage)
         for inst in plan.instances(stage):
             key = "-".join(inst[w] for w in stage.wildcards)
-            ins = {stages.fill(p, inst) for v in inputs.values() for p in (v if isinstance(v, list) else [v])}
-            outs = {stages.fill(p, inst) for v in outputs.values() for p in (v if isinstance(v, list) else [v])}
+            ins = {fill(p, inst) for v in inputs.values() for p in (v if isinstance(v, list) else [v])}
+            outs = {fill(p, inst) for v in outputs.values() for p in (v if isinstance(v, list) else [v])}
             out.append((stage.name, key, ins, outs))
     return out
 
@@ -183,7 +209,7 @@ def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_r
     """For every file a step runs: Snakemake plans its dependents (and what follows), DVC flags exactly them."""
     smk_repo = tmp_path / "smk"
     shutil.copytree(demo_run, smk_repo, symlinks=True)
-    plan = stages.Plan(load_config([ROOT / "params.yaml", ROOT / "config/demo.yaml"]))
+    plan = Plan(load_config([ROOT / "params.yaml", ROOT / "config/demo.yaml"]))
     instances = _instances(plan)
     by_outputs = {frozenset(outs): _name(rule, key) for rule, key, _, outs in instances}
     files = sorted({f for s in plan.stages if plan.instances(s) for f in s.code()})

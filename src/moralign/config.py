@@ -139,7 +139,7 @@ class _Partial(dict):
         name = f"{self.where}.{key}" if self.where else key
         raise ConfigError(
             f"config section '{name}' is not among the sections this step declared ({', '.join(self.declared)}): "
-            "add it to the step's sections in moralign.stages, so that changing it reruns the step"
+            "add it to the step's sections in moralign.pipeline.table, so that changing it reruns the step"
         )
 
 
@@ -155,8 +155,8 @@ class Config:
     def restrict(self, sections: Iterable[str]) -> Config:
         """The part of this configuration made of ``sections`` (dotted keys); reading anything else is an error.
 
-        Every step gets the sections its stage declares (moralign.stages), which are exactly what Snakemake hashes
-        and DVC tracks as its params: a step cannot read configuration that would not rerun it.
+        Every step gets the sections its stage declares (moralign.pipeline.table), which are exactly what Snakemake
+        hashes and DVC tracks as its params: a step cannot read configuration that would not rerun it.
         """
         declared = tuple(sections)
         out = _Partial({}, "", declared)

@@ -1,12 +1,12 @@
-# Configuration and the stage table's Snakemake adapters. No rules here.
-# Every rule reads its inputs, outputs, params, resources and shell command from moralign.stages, the one
-# description of the DAG that dvc.yaml is generated from too.
+# Configuration and the helpers the generated rules call (workflow/rules/{data,models,evaluate,report}.smk, written
+# by `python -m moralign.pipeline rules` from the stage table, src/moralign/pipeline/table.py). No rules here.
 import os
 import re
 import sys
 
-from moralign import stages as S
 from moralign.config import load_config, validate, write_resolved
+from moralign.pipeline.plan import Plan, fill, instance_of
+from moralign.pipeline.table import BY_NAME
 
 # The same files, merged the same way, reach every step through --config (Snakemake's configfile first,
 # then each --configfile overlay in order).
@@ -17,62 +17,48 @@ if validate(config).data != CFG.data:
         "the configuration differs from the merged config files "
         f"{CONFIG_FILES}: --config KEY=VALUE overrides are not passed to the steps; put them in an overlay file"
     )
-PLAN = S.Plan(CFG)
+PLAN = Plan(CFG)
 # the base weights and seeds of the fine-tuned cells, said where the plan is read (dry runs included)
 print(PLAN.describe(), file=sys.stderr)
 # Steps read the merged configuration from one stable file (rewritten only when its content changes).
 CONFIG_ARG = str(write_resolved(CFG, f".snakemake/moralign/{CFG.run}.config.yaml"))
 
 
-def _stage(name):
-    return S.BY_NAME[name]
-
-
 def _instance(name, wildcards):
-    return S.instance_of(PLAN, _stage(name), dict(wildcards.items()))
+    return instance_of(PLAN, BY_NAME[name], {k: v for k, v in wildcards.items() if k != "run"})
 
 
-def constraints(name):
+def code_of(name):
+    """The step script and every project file it runs (a change reruns the step)."""
+    return BY_NAME[name].code()
+
+
+def listed(name, key):
+    """An input that lists the run's cells (e.g. every score file a summary reads)."""
+    return PLAN.inputs(BY_NAME[name])[key]
+
+
+def with_values(name, pattern):
+    """A pattern over values derived from the cell (e.g. the base a fine-tuned cell is compared with)."""
+    return lambda wildcards: fill(pattern, {**dict(wildcards.items()), **_instance(name, wildcards)})
+
+
+def constraints_of(name):
     """Each wildcard matches exactly the values the stage's instances have (rules never overlap)."""
-    stage = _stage(name)
+    stage = BY_NAME[name]
     values = {w: sorted({i[w] for i in PLAN.instances(stage)}) for w in stage.wildcards}
-    return {w: "|".join(re.escape(v) for v in vs) or "(?!)" for w, vs in values.items()}
+    return {"run": re.escape(CFG.run), **{w: "|".join(re.escape(v) for v in vs) or "(?!)" for w, vs in values.items()}}
 
 
-def inputs(name):
-    """Input function (for unpack) of the stage's named inputs, its code included."""
-    stage = _stage(name)
-    patterns = PLAN.inputs(stage)
-
-    def resolve(wildcards):
-        values = _instance(name, wildcards)
-        return {k: [S.fill(p, values) for p in v] if isinstance(v, list) else S.fill(v, values) for k, v in patterns.items()}
-
-    return resolve
-
-
-def outputs(name, reports=None):
-    """The stage's named outputs; folders marked as directories, report items wrapped for --report."""
-    stage = _stage(name)
-    out = {}
-    for key, value in PLAN.outputs(stage).items():
-        if key in stage.folders:
-            value = directory(value)
-        if reports and key in reports:
-            value = report(value, **reports[key])
-        out[key] = value
-    return out
-
-
-def params(name):
-    """The config file, the declared sections (and their hash: a change reruns the step) and instance values."""
-    stage = _stage(name)
-    keys = PLAN._instance_keys(stage)
+def params_of(name):
+    """The config file, the declared sections (and their hash: a change reruns the step) and derived values."""
+    stage = BY_NAME[name]
+    derived = [k for k in PLAN.instance_keys(stage) if k not in stage.wildcards]
 
     def sections(wildcards):
         return PLAN.sections(stage, _instance(name, wildcards))
 
-    values = {k: (lambda wildcards, k=k: _instance(name, wildcards)[k]) for k in keys}
+    values = {k: (lambda wildcards, k=k: _instance(name, wildcards)[k]) for k in derived}
     return {
         "config": CONFIG_ARG,
         "sections": lambda wildcards: " ".join(sections(wildcards)),
@@ -81,24 +67,12 @@ def params(name):
     }
 
 
-def log_of(name):
-    return PLAN.log(_stage(name))
-
-
-def shell_of(name):
-    return S.snakemake_shell(_stage(name))
-
-
-def gpus(name):
-    return lambda wildcards: PLAN.gpus(_stage(name), _instance(name, wildcards))
-
-
-def resources_of(name):
-    return dict(_stage(name).resources)
+def gpus_of(name):
+    return lambda wildcards: PLAN.gpus(BY_NAME[name], _instance(name, wildcards))
 
 
 def threads_of(name):
-    return lambda wildcards: PLAN.threads(_stage(name), _instance(name, wildcards))
+    return lambda wildcards: PLAN.threads(BY_NAME[name], _instance(name, wildcards))
 
 
 def all_targets():

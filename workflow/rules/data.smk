@@ -1,28 +1,38 @@
+# GENERATED from the stage table (src/moralign/pipeline/table.py): do not edit by hand; regenerate with
+#   python -m moralign.pipeline rules
+# {run} is the run's name (data/<run>, results/<run>, ...); the other wildcards are a stage's cells. The helpers
+# (code_of, listed, with_values, params_of, ...) are in common.smk.
+
+
 rule download:
     input:
-        unpack(inputs("download")),
+        code=code_of("download"),
     output:
-        **outputs("download"),
-    params:
-        **params("download"),
-    wildcard_constraints:
-        **constraints("download"),
+        archive="data/{run}/raw/{archive}.tar.gz",
+        sha256="data/{run}/raw/{archive}.tar.gz.sha256",
     log:
-        log_of("download"),
+        "logs/download/{run}/{archive}.log",
+    params:
+        **params_of("download"),
+    wildcard_constraints:
+        **constraints_of("download"),
     shell:
-        shell_of("download")
+        "python workflow/scripts/download.py --config {params.config} --sections {params.sections}"
+        " --archive {wildcards.archive} --out {output.archive} --log {log}"
 
 
 rule prepare:
     input:
-        unpack(inputs("prepare")),
+        archive=with_values("prepare", "data/{run}/raw/{archive}.tar.gz"),
+        code=code_of("prepare"),
     output:
-        **outputs("prepare"),
-    params:
-        **params("prepare"),
-    wildcard_constraints:
-        **constraints("prepare"),
+        data=directory("data/{run}/processed/{dataset}"),
     log:
-        log_of("prepare"),
+        "logs/prepare/{run}/{dataset}.log",
+    params:
+        **params_of("prepare"),
+    wildcard_constraints:
+        **constraints_of("prepare"),
     shell:
-        shell_of("prepare")
+        "python workflow/scripts/prepare.py --config {params.config} --sections {params.sections}"
+        " --dataset {wildcards.dataset} --archive {input.archive} --out-dir {output.data} --log {log}"

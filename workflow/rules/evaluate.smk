@@ -1,129 +1,172 @@
+# GENERATED from the stage table (src/moralign/pipeline/table.py): do not edit by hand; regenerate with
+#   python -m moralign.pipeline rules
+# {run} is the run's name (data/<run>, results/<run>, ...); the other wildcards are a stage's cells. The helpers
+# (code_of, listed, with_values, params_of, ...) are in common.smk.
+
+
 rule extract_base:
     input:
-        unpack(inputs("extract_base")),
+        data="data/{run}/processed/{dataset}",
+        base="models/{run}/base/{model}",
+        code=code_of("extract_base"),
     output:
-        **outputs("extract_base"),
+        predictions=directory("results/{run}/predictions/{dataset}/{model}/{condition}"),
+    log:
+        "logs/extract_base/{run}/{dataset}/{model}/{condition}.log",
     params:
-        **params("extract_base"),
+        **params_of("extract_base"),
     wildcard_constraints:
-        **constraints("extract_base"),
+        **constraints_of("extract_base"),
     threads: threads_of("extract_base")
     resources:
-        gpu=gpus("extract_base"),
-    log:
-        log_of("extract_base"),
+        gpu=gpus_of("extract_base"),
     shell:
-        shell_of("extract_base")
-
-
-rule extract_tuned:
-    input:
-        unpack(inputs("extract_tuned")),
-    output:
-        **outputs("extract_tuned"),
-    params:
-        **params("extract_tuned"),
-    wildcard_constraints:
-        **constraints("extract_tuned"),
-    threads: threads_of("extract_tuned")
-    resources:
-        gpu=gpus("extract_tuned"),
-    log:
-        log_of("extract_tuned"),
-    shell:
-        shell_of("extract_tuned")
-
-
-rule extract_trained:
-    input:
-        unpack(inputs("extract_trained")),
-    output:
-        **outputs("extract_trained"),
-    params:
-        **params("extract_trained"),
-    wildcard_constraints:
-        **constraints("extract_trained"),
-    threads: threads_of("extract_trained")
-    resources:
-        gpu=gpus("extract_trained"),
-    log:
-        log_of("extract_trained"),
-    shell:
-        shell_of("extract_trained")
+        "python workflow/scripts/extract.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --condition {wildcards.condition}"
+        " --data-dir {input.data} --base {input.base} --out-dir {output.predictions} --log {log}"
 
 
 rule extract_api:
     input:
-        unpack(inputs("extract_api")),
+        data="data/{run}/processed/{dataset}",
+        code=code_of("extract_api"),
     output:
-        **outputs("extract_api"),
-    params:
-        **params("extract_api"),
-    wildcard_constraints:
-        **constraints("extract_api"),
-    resources:
-        **resources_of("extract_api"),
+        predictions=directory("results/{run}/predictions/{dataset}/{model}/{condition}"),
     log:
-        log_of("extract_api"),
+        "logs/extract_api/{run}/{dataset}/{model}/{condition}.log",
+    params:
+        **params_of("extract_api"),
+    wildcard_constraints:
+        **constraints_of("extract_api"),
+    resources:
+        openai_api=1,
     shell:
-        shell_of("extract_api")
+        "python workflow/scripts/extract.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --condition {wildcards.condition}"
+        " --data-dir {input.data} --cache-dir {params.cache} --out-dir {output.predictions} --log {log}"
+
+
+rule extract_tuned:
+    input:
+        data="data/{run}/processed/{dataset}",
+        base="models/{run}/base/{model}",
+        adapter="models/{run}/adapters/{dataset}/{model}/{recipe}/seed-{seed}",
+        code=code_of("extract_tuned"),
+    output:
+        predictions=directory("results/{run}/predictions/{dataset}/{model}/{recipe}/seed-{seed}"),
+    log:
+        "logs/extract_tuned/{run}/{dataset}/{model}/{recipe}/{seed}.log",
+    params:
+        **params_of("extract_tuned"),
+    wildcard_constraints:
+        **constraints_of("extract_tuned"),
+    threads: threads_of("extract_tuned")
+    resources:
+        gpu=gpus_of("extract_tuned"),
+    shell:
+        "python workflow/scripts/extract.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --condition {wildcards.recipe}"
+        " --data-dir {input.data} --base {input.base} --adapter {input.adapter} --base-quantization {params.quantization}"
+        " --out-dir {output.predictions} --log {log}"
+
+
+rule extract_trained:
+    input:
+        data="data/{run}/processed/{dataset}",
+        base="models/{run}/base/{model}",
+        encoder="models/{run}/encoders/{dataset}/{model}/seed-{seed}",
+        code=code_of("extract_trained"),
+    output:
+        predictions=directory("results/{run}/predictions/{dataset}/{model}/trained/seed-{seed}"),
+    log:
+        "logs/extract_trained/{run}/{dataset}/{model}/{seed}.log",
+    params:
+        **params_of("extract_trained"),
+    wildcard_constraints:
+        **constraints_of("extract_trained"),
+    threads: threads_of("extract_trained")
+    resources:
+        gpu=gpus_of("extract_trained"),
+    shell:
+        "python workflow/scripts/extract.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --condition trained --data-dir {input.data}"
+        " --base {input.base} --adapter {input.encoder} --out-dir {output.predictions} --log {log}"
 
 
 rule score_base:
     input:
-        unpack(inputs("score_base")),
+        data="data/{run}/processed/{dataset}",
+        predictions="results/{run}/predictions/{dataset}/{model}/{condition}",
+        code=code_of("score_base"),
     output:
-        **outputs("score_base"),
-    params:
-        **params("score_base"),
-    wildcard_constraints:
-        **constraints("score_base"),
+        scores="results/{run}/scores/{dataset}/{model}/{condition}.json",
+        per_item="results/{run}/scores/{dataset}/{model}/{condition}.items.parquet",
     log:
-        log_of("score_base"),
+        "logs/score_base/{run}/{dataset}/{model}/{condition}.log",
+    params:
+        **params_of("score_base"),
+    wildcard_constraints:
+        **constraints_of("score_base"),
     shell:
-        shell_of("score_base")
+        "python workflow/scripts/score.py --config {params.config} --sections {params.sections}"
+        " --dataset {wildcards.dataset} --condition {wildcards.condition} --data-dir {input.data}"
+        " --predictions {input.predictions} --out {output.scores} --items {output.per_item} --log {log}"
 
 
 rule score_tuned:
     input:
-        unpack(inputs("score_tuned")),
+        data="data/{run}/processed/{dataset}",
+        predictions="results/{run}/predictions/{dataset}/{model}/{recipe}/seed-{seed}",
+        baseline=with_values("score_tuned", "results/{run}/predictions/{dataset}/{model}/{baseline}"),
+        code=code_of("score_tuned"),
     output:
-        **outputs("score_tuned"),
-    params:
-        **params("score_tuned"),
-    wildcard_constraints:
-        **constraints("score_tuned"),
+        scores="results/{run}/scores/{dataset}/{model}/{recipe}/seed-{seed}.json",
+        per_item="results/{run}/scores/{dataset}/{model}/{recipe}/seed-{seed}.items.parquet",
     log:
-        log_of("score_tuned"),
+        "logs/score_tuned/{run}/{dataset}/{model}/{recipe}/{seed}.log",
+    params:
+        **params_of("score_tuned"),
+    wildcard_constraints:
+        **constraints_of("score_tuned"),
     shell:
-        shell_of("score_tuned")
+        "python workflow/scripts/score.py --config {params.config} --sections {params.sections}"
+        " --dataset {wildcards.dataset} --condition {wildcards.recipe} --seed {wildcards.seed}"
+        " --data-dir {input.data} --predictions {input.predictions} --baseline {input.baseline}"
+        " --out {output.scores} --items {output.per_item} --log {log}"
 
 
 rule score_trained:
     input:
-        unpack(inputs("score_trained")),
+        data="data/{run}/processed/{dataset}",
+        predictions="results/{run}/predictions/{dataset}/{model}/trained/seed-{seed}",
+        code=code_of("score_trained"),
     output:
-        **outputs("score_trained"),
-    params:
-        **params("score_trained"),
-    wildcard_constraints:
-        **constraints("score_trained"),
+        scores="results/{run}/scores/{dataset}/{model}/trained/seed-{seed}.json",
+        per_item="results/{run}/scores/{dataset}/{model}/trained/seed-{seed}.items.parquet",
     log:
-        log_of("score_trained"),
+        "logs/score_trained/{run}/{dataset}/{model}/{seed}.log",
+    params:
+        **params_of("score_trained"),
+    wildcard_constraints:
+        **constraints_of("score_trained"),
     shell:
-        shell_of("score_trained")
+        "python workflow/scripts/score.py --config {params.config} --sections {params.sections}"
+        " --dataset {wildcards.dataset} --condition trained --data-dir {input.data} --predictions {input.predictions}"
+        " --out {output.scores} --items {output.per_item} --seed {wildcards.seed} --log {log}"
 
 
 rule references:
     input:
-        unpack(inputs("references")),
+        data="data/{run}/processed/{dataset}",
+        code=code_of("references"),
     output:
-        **outputs("references"),
-    params:
-        **params("references"),
-    wildcard_constraints:
-        **constraints("references"),
+        references="results/{run}/scores/{dataset}/references.json",
     log:
-        log_of("references"),
+        "logs/references/{run}/{dataset}.log",
+    params:
+        **params_of("references"),
+    wildcard_constraints:
+        **constraints_of("references"),
     shell:
-        shell_of("references")
+        "python workflow/scripts/references.py --config {params.config} --sections {params.sections}"
+        " --dataset {wildcards.dataset} --data-dir {input.data} --out {output.references} --log {log}"

@@ -1,69 +1,88 @@
-# Hub models are downloaded once, on the submitting machine (compute nodes often have no network).
+# GENERATED from the stage table (src/moralign/pipeline/table.py): do not edit by hand; regenerate with
+#   python -m moralign.pipeline rules
+# {run} is the run's name (data/<run>, results/<run>, ...); the other wildcards are a stage's cells. The helpers
+# (code_of, listed, with_values, params_of, ...) are in common.smk.
+
+
+# run on the submitting machine (they need the network), never on a cluster node
+
+
 localrules:
     fetch_model,
 
 
-rule fetch_model:
-    input:
-        unpack(inputs("fetch_model")),
-    output:
-        **outputs("fetch_model"),
-    params:
-        **params("fetch_model"),
-    wildcard_constraints:
-        **constraints("fetch_model"),
-    log:
-        log_of("fetch_model"),
-    shell:
-        shell_of("fetch_model")
-
-
 rule build_model:
     input:
-        unpack(inputs("build_model")),
+        archives=listed("build_model", "archives"),
+        code=code_of("build_model"),
     output:
-        **outputs("build_model"),
-    params:
-        **params("build_model"),
-    wildcard_constraints:
-        **constraints("build_model"),
+        model=directory("models/{run}/base/{model}"),
     log:
-        log_of("build_model"),
+        "logs/build_model/{run}/{model}.log",
+    params:
+        **params_of("build_model"),
+    wildcard_constraints:
+        **constraints_of("build_model"),
     shell:
-        shell_of("build_model")
+        "python workflow/scripts/fetch_model.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --archives {input.archives} --out {output.model} --log {log}"
+
+
+rule fetch_model:
+    input:
+        code=code_of("fetch_model"),
+    output:
+        model=directory("models/{run}/base/{model}"),
+    log:
+        "logs/fetch_model/{run}/{model}.log",
+    params:
+        **params_of("fetch_model"),
+    wildcard_constraints:
+        **constraints_of("fetch_model"),
+    shell:
+        "python workflow/scripts/fetch_model.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --out {output.model} --log {log}"
 
 
 rule finetune:
     input:
-        unpack(inputs("finetune")),
+        data="data/{run}/processed/{dataset}",
+        base="models/{run}/base/{model}",
+        code=code_of("finetune"),
     output:
-        **outputs("finetune"),
+        adapter=directory("models/{run}/adapters/{dataset}/{model}/{recipe}/seed-{seed}"),
+    log:
+        "logs/finetune/{run}/{dataset}/{model}/{recipe}/{seed}.log",
     params:
-        **params("finetune"),
+        **params_of("finetune"),
     wildcard_constraints:
-        **constraints("finetune"),
+        **constraints_of("finetune"),
     threads: threads_of("finetune")
     resources:
-        gpu=gpus("finetune"),
-    log:
-        log_of("finetune"),
+        gpu=gpus_of("finetune"),
     shell:
-        shell_of("finetune")
+        "python workflow/scripts/finetune.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --recipe {wildcards.recipe} --seed {wildcards.seed}"
+        " --data-dir {input.data} --base {input.base} --out {output.adapter} --log {log}"
 
 
 rule train_encoder:
     input:
-        unpack(inputs("train_encoder")),
+        data="data/{run}/processed/{dataset}",
+        base="models/{run}/base/{model}",
+        code=code_of("train_encoder"),
     output:
-        **outputs("train_encoder"),
+        encoder=directory("models/{run}/encoders/{dataset}/{model}/seed-{seed}"),
+    log:
+        "logs/train_encoder/{run}/{dataset}/{model}/{seed}.log",
     params:
-        **params("train_encoder"),
+        **params_of("train_encoder"),
     wildcard_constraints:
-        **constraints("train_encoder"),
+        **constraints_of("train_encoder"),
     threads: threads_of("train_encoder")
     resources:
-        gpu=gpus("train_encoder"),
-    log:
-        log_of("train_encoder"),
+        gpu=gpus_of("train_encoder"),
     shell:
-        shell_of("train_encoder")
+        "python workflow/scripts/train_encoder.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --seed {wildcards.seed} --data-dir {input.data}"
+        " --base {input.base} --out {output.encoder} --log {log}"

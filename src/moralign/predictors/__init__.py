@@ -8,7 +8,7 @@ Its ``provenance`` (model identity, template hash, dtype, library versions, ...)
 A backend is one module of this package with a ``build(...)`` function (``hf``: local causal LMs, with or
 without a LoRA adapter; ``openai``: any OpenAI-compatible chat-completions endpoint). The extract step imports
 the backend by name, so the stage table declares each cell's backend module as that cell's code dependency
-(moralign.stages) and a new backend never touches the steps.
+(moralign.pipeline.table) and a new backend never touches the steps.
 """
 
 from __future__ import annotations

@@ -2,5 +2,5 @@
 
 A step is wiring: it reads its inputs, calls the library modules whose subject the work is, and writes its
 outputs atomically. Every path comes from the orchestrator, and every step module imports only what its step
-runs, so the stage table (moralign.stages) can declare each step's code dependencies from its imports.
+runs, so the stage table (moralign.pipeline) can declare each step's code dependencies from its imports.
 """
