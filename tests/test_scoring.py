@@ -89,7 +89,7 @@ def test_base_and_tuned_are_paired_by_item_id_not_by_vote_counts(tmp_path):
         score_cell(tuned, data, "test", SETTINGS, baseline_dir=base)
     _write(base, "test", ids[0::2], p=rng.dirichlet(np.ones(2), size=40))
     result, _ = score_cell(tuned, data, "test", SETTINGS, baseline_dir=base)
-    assert set(result["difference_to_base"]) == set(metrics.METRICS)
+    assert set(result["difference_to_base"]) == set(metrics.names())
 
 
 def test_a_bad_prediction_names_the_file_and_item(cell):

@@ -61,7 +61,7 @@ def _cell(folder, model, condition, seed=None, logp=None, counts=None, prov=None
 
 def _refs(n_items):
     row = {"n_items": n_items, "metrics": {"xentropy": {"value": 0.69, "low": 0.68, "high": 0.7}}}
-    best = {"n_items": n_items, "metrics": {m: {"value": 0.5, "low": 0.4, "high": 0.6} for m in metrics.METRICS}}
+    best = {"n_items": n_items, "metrics": {m: {"value": 0.5, "low": 0.4, "high": 0.6} for m in metrics.names()}}
     return [{"dataset": "dilemmas", "split": "test", "rows": {"uniform": row, "best": best}}]
 
 
@@ -88,7 +88,7 @@ def test_one_seed_gives_the_cells_own_value_and_interval(tmp_path):
     cells = [_cell(tmp_path, "m", "base"), _cell(tmp_path, "m", "soft", 4)]
     long = tables.tabulate(cells, _refs(N), tmp_path / "out", SETTINGS)
     for cell in cells:
-        for metric in metrics.METRICS:
+        for metric in metrics.names():
             row = _row(long, "m", cell["condition"], metric)
             expected = cell["metrics"][metric]
             assert (row["value"], row["low"], row["high"]) == pytest.approx(

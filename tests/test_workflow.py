@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from moralign import metrics
 from moralign.figures import FIGURES
-from moralign.metrics import METRICS
 from tests.conftest import ROOT, run
 
 
@@ -85,7 +85,7 @@ def test_demo_produces_the_table(demo_run):
     models = table[table["kind"] == "model"]
     cells = models.groupby(["dataset", "model", "condition"]).size()
     assert len(cells) == 2 * (2 * 3 + 2)  # datasets x (LMs x {base, votes, soft} + encoders x {trained})
-    assert (cells == len(METRICS)).all()
+    assert (cells == len(metrics.names())).all()
     refs = table[table["kind"] == "reference"]
     assert set(refs["model"]) == {"uniform", "train_prior", "best"}
     assert set(table.loc[table["kind"] == "published", "metric"]) == {"paper_xentropy", "dirichlet"}
@@ -98,7 +98,7 @@ def test_demo_produces_the_table(demo_run):
     assert "\\toprule" in tex and "\\textbf{" in tex
     diffs = pd.read_csv(reports / "differences.csv")
     # datasets x LMs x (votes - base, soft - base, soft - votes)
-    assert len(diffs) == 2 * 2 * 3 * len(METRICS) and not diffs[["value", "low", "high"]].isna().any().any()
+    assert len(diffs) == 2 * 2 * 3 * len(metrics.names()) and not diffs[["value", "low", "high"]].isna().any().any()
     for dataset in ("anecdotes", "dilemmas"):
         for kind in FIGURES:
             png, pdf = reports / f"figures/{dataset}_{kind}.png", reports / f"figures/{dataset}_{kind}.pdf"

@@ -76,8 +76,12 @@ def _mean_replicates(values: np.ndarray, idx: np.ndarray | None) -> tuple[float,
     return float(np.nanmean(values)), (None if idx is None else np.nanmean(values[idx], axis=1))
 
 
-def _f1_replicates(shares: np.ndarray, labels: np.ndarray, idx: np.ndarray | None) -> tuple[float, np.ndarray | None]:
-    return float(metrics.macro_f1(shares, labels)), (None if idx is None else metrics.macro_f1(shares, labels, idx))
+def _set_replicates(
+    metric: str, shares: np.ndarray, labels: np.ndarray, idx: np.ndarray | None
+) -> tuple[float, np.ndarray | None]:
+    """A whole-set metric (macro-F1): its value, and one per resample of ``idx``."""
+    score = metrics.REGISTRY[metric].whole_set
+    return float(score(shares, labels, None)), (None if idx is None else score(shares, labels, idx))
 
 
 def row(cells: Sequence[SeedItems], resamples: int, seed: int, what: str = "row") -> dict[str, dict[str, float]]:
@@ -86,9 +90,9 @@ def row(cells: Sequence[SeedItems], resamples: int, seed: int, what: str = "row"
     n = len(cells[0].items)
     idx = metrics.bootstrap_indices(n, resamples, seed) if resamples else None
     out = {}
-    for metric in metrics.METRICS:
-        if metric == "macro_f1":
-            pairs = [_f1_replicates(c.shares, c.labels, idx) for c in cells]
+    for metric in metrics.names():
+        if metrics.REGISTRY[metric].whole_set is not None:
+            pairs = [_set_replicates(metric, c.shares, c.labels, idx) for c in cells]
         else:
             pairs = [_mean_replicates(c.values(metric), idx) for c in cells]
         values = np.array([v for v, _ in pairs])
@@ -113,12 +117,12 @@ def difference(
     n = len(cells[0].items)
     idx = metrics.bootstrap_indices(n, resamples, seed) if resamples else None
     out = {}
-    for metric in metrics.METRICS:
+    for metric in metrics.names():
         values, reps = [], []
         for cell, base in zip(cells, baselines, strict=True):
-            if metric == "macro_f1":
-                b_value, b_reps = _f1_replicates(base.shares, base.labels, idx)
-                c_value, c_reps = _f1_replicates(cell.shares, cell.labels, idx)
+            if metrics.REGISTRY[metric].whole_set is not None:
+                b_value, b_reps = _set_replicates(metric, base.shares, base.labels, idx)
+                c_value, c_reps = _set_replicates(metric, cell.shares, cell.labels, idx)
                 values.append(c_value - b_value)
                 reps.append(None if idx is None else c_reps - b_reps)
                 continue

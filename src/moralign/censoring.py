@@ -146,7 +146,7 @@ def _scores(
     """Every metric with its interval, as the score step computes it; NaN entries when no item is left."""
     if not len(counts):
         nan = {"value": math.nan, "low": math.nan, "high": math.nan}
-        return {**{name: dict(nan) for name in metrics.METRICS}, "n_items": 0}
+        return {**{name: dict(nan) for name in metrics.names()}, "n_items": 0}
     logp = metrics.log_probs(p)
     dev_pair = None if dev is None else (dev[0], metrics.log_probs(dev[1]))
     result = metrics.summarise(counts, logp, coverage, dev_pair, settings["bootstrap_resamples"], settings["seed"], ids)
@@ -194,7 +194,7 @@ def summarise(pred_dir: Path, data_dir: Path, split: str, dev_split: str, settin
 
 
 def _header(metric: str) -> str:
-    return f"{metric} {'↓' if metrics.LOWER_IS_BETTER[metric] else '↑'}"
+    return f"{metric} {'↓' if metrics.lower_is_better(metric) else '↑'}"
 
 
 def _cell(entry: dict[str, float]) -> str:

@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moralign import metrics
 from moralign.io import atomic_path, read_json
-from moralign.metrics import LOWER_IS_BETTER
-from moralign.references import BEST_FLOORS
 
 # Okabe-Ito colours (colour-blind safe) plus hatching, so bars also survive greyscale printing.
 COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00")
@@ -60,11 +59,11 @@ def _grouped_bars(plt: Any, cells: pd.DataFrame, height: float, intervals: bool)
 def reference_levels(metric: str) -> dict[str, tuple[str, str]]:
     """Reference rows drawn as lines on a metric's bars: name -> (legend label, line style).
 
-    Uniform always; BEST only where it is a floor (:data:`moralign.references.BEST_FLOORS`, xentropy): elsewhere
+    Uniform always; BEST only where it is a floor (``moralign.metrics.best_floors()``, xentropy): elsewhere
     it is the oracle's expected score, which predictions can beat, and a line would read as a bound.
     """
     levels = {"uniform": ("uniform", ":")}
-    if metric in BEST_FLOORS:
+    if metric in metrics.best_floors():
         levels["best"] = ("BEST oracle (floor)", "--")
     return levels
 
@@ -80,7 +79,7 @@ def bar_figure(long: pd.DataFrame, dataset: str, metric: str, out_stem: Path) ->
         if name in refs:
             ax.axhline(refs[name], color="black", linestyle=style, linewidth=1, label=f"{label} ({refs[name]:.3f})")
     ax.set_xticks(np.arange(len(names)), names, rotation=15 if len(names) > 2 else 0)
-    ax.set_ylabel(f"{metric} ({'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)")
+    ax.set_ylabel(f"{metric} ({'lower' if metrics.lower_is_better(metric) else 'higher'} is better)")
     ax.set_title(f"{dataset}: {metric} before and after fine-tuning (95 % CI)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _save(fig, out_stem)
@@ -243,7 +242,7 @@ def differences_figure(
                 capsize=3,
             )
         ax.axvline(0, color="black", linewidth=0.8, linestyle=":")
-        ax.set_title(f"Δ {metric} ({'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)", fontsize=9)
+        ax.set_title(f"Δ {metric} ({'lower' if metrics.lower_is_better(metric) else 'higher'} is better)", fontsize=9)
     axes[0][0].set_yticks(range(len(rows)), [f"{m} / {c}" for m, c in rows], fontsize=8)
     axes[0][0].invert_yaxis()
     fig.suptitle(f"{dataset}: effect of fine-tuning (fine-tuned − base, paired 95 % CI)", fontsize=10)

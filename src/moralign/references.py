@@ -11,8 +11,8 @@ linear in the observed vote shares: xentropy (E over the votes of -sum_j h_j log
 at q = p). For the other columns it is the oracle's expected score, not a bound: the Dirichlet-multinomial NLL
 with c fixed to 1 rewards predictions flatter than the true distribution (on the real Scruples dev counts a
 flattened oracle, p^(1/T) renormalised with T = 1.5, scores below BEST: see benchmarks/validate_reference.py), and
-distances such as total variation are minimised by other predictions too. :data:`BEST_FLOORS` lists where the
-figures may draw BEST as the best reachable level.
+distances such as total variation are minimised by other predictions too. The metrics registered with
+``best_bounds`` (``moralign.metrics.best_floors()``) are where the table prints and the figures draw BEST.
 
 The train prior is the best constant predictor under xentropy: the mean of the training items' human
 distributions (not the pooled votes, in which a few items with thousands of votes dominate).
@@ -28,9 +28,6 @@ from scipy.optimize import minimize
 from scipy.special import digamma, gammaln
 
 from moralign import metrics
-
-# Metrics for which BEST is a lower bound on what any predictor can expect (see the module docstring).
-BEST_FLOORS = frozenset({"xentropy"})
 
 
 def dm_loglik(counts: np.ndarray, alpha: np.ndarray) -> float:
@@ -120,7 +117,7 @@ def reference_rows(
 
     The constant rows are scored like a model (T and c fitted on ``dev_counts``); ``train_prior`` is
     :func:`mean_distribution` of ``train_counts``. BEST carries its prior (fitted on ``counts``), the Monte Carlo
-    standard error of each value and ``floor_for``, the metrics it bounds (:data:`BEST_FLOORS`).
+    standard error of each value and ``floor_for``, the metrics it bounds (``metrics.best_floors()``).
     """
     resamples, seed = settings["bootstrap_resamples"], settings["seed"]
     n_choices = counts.shape[1]
@@ -134,5 +131,5 @@ def reference_rows(
         rows[name] = {**res, "prediction": probs.tolist()}
     best = best_oracle(counts, fit_dirichlet_prior(counts), settings["best_samples"], seed, resamples)
     best.pop("per_item")
-    rows["best"] = {**best, "floor_for": sorted(BEST_FLOORS)}
+    rows["best"] = {**best, "floor_for": sorted(metrics.best_floors())}
     return rows

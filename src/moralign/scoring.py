@@ -87,7 +87,9 @@ def score_cell(
             base.counts, base.logp, base.coverage, *base_fit, base.ids, base.concentration
         )
         diff = {name: metrics.paired_difference(base_items[name], per_item[name], resamples, seed) for name in per_item}
-        diff["macro_f1"] = metrics.paired_macro_f1_difference(cell.counts, base.logp, cell.logp, resamples, seed)
+        for name in metrics.names():
+            if metrics.REGISTRY[name].whole_set is not None:  # macro-F1: recomputed per resample, not a mean
+                diff[name] = metrics.paired_set_difference(name, cell.counts, base.logp, cell.logp, resamples, seed)
         result["difference_to_base"] = diff
     # the label and predicted shares behind macro-F1 (not a mean over items): the table recomputes it per resample
     inputs = {"majority": metrics.majority_labels(cell.counts), "predicted": list(metrics.predicted_shares(cell.logp))}

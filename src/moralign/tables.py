@@ -9,26 +9,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moralign import aggregate, censoring
+from moralign import aggregate, censoring, metrics
 from moralign.io import atomic_path, read_json, write_json
-from moralign.metrics import LOWER_IS_BETTER
-from moralign.references import BEST_FLOORS
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
 PAPER_CITATION = "Senthilkumar et al. 2024 (arXiv 2410.07826), as published"
-# Columns of the headline table, in order; the arrow says which direction is better.
-TABLE_METRICS = (
-    "xentropy",
-    "calibrated_xentropy",
-    "dirichlet",
-    "dirichlet_fitted",
-    "paper_xentropy",
-    "total_variation",
-    "jensen_shannon",
-    "accuracy",
-    "macro_f1",
-    "coverage",
-)
 
 
 # An API row whose share of items with a censored answer (absent from the top log-probabilities, given its upper
@@ -129,7 +114,7 @@ def difference_rows(
 
 def column_name(metric: str) -> str:
     """Header with the better direction: ``xentropy ↓``."""
-    return f"{metric} {'↓' if LOWER_IS_BETTER[metric] else '↑'}"
+    return f"{metric} {'↓' if metrics.lower_is_better(metric) else '↑'}"
 
 
 def results_frame(
@@ -192,12 +177,12 @@ def results_frame(
     return frame
 
 
-def _fmt(value: float, low: float, high: float) -> str:
+def _fmt(value: float, low: float, high: float, decimals: int = 3) -> str:
     if pd.isna(value):
         return ""
     if pd.isna(low):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+        return f"{value:.{decimals}f}"
+    return f"{value:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
 
 
 def _censored_text(share: float) -> str:
@@ -211,7 +196,7 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
 
     Also: the base ``weights`` each row was scored on, its number of training ``seeds`` (the values are their
     mean), and for API rows the ``censored`` share (marked above 5 %). BEST is printed only where it bounds what
-    a predictor can reach (:data:`moralign.references.BEST_FLOORS`), blank and marked elsewhere.
+    a predictor can reach (the metrics registered with ``best_bounds``), blank and marked elsewhere.
     """
     long = long.copy()
     for column, default in (("seeds", 0), ("weights", ""), ("censored_share", math.nan), ("own_alpha", False)):
@@ -222,13 +207,15 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     for (dataset, metric), group in models.groupby(["dataset", "metric"]):
         values = group["value"].dropna()
         if len(values):
-            best[(dataset, metric)] = values.min() if LOWER_IS_BETTER[metric] else values.max()
-    not_a_bound = (long["kind"] == "reference") & (long["model"] == "best") & ~long["metric"].isin(BEST_FLOORS)
+            best[(dataset, metric)] = values.min() if metrics.lower_is_better(metric) else values.max()
+    not_a_bound = (
+        (long["kind"] == "reference") & (long["model"] == "best") & ~long["metric"].isin(metrics.best_floors())
+    )
     own_alpha = (long["metric"] == "dirichlet") & (long["own_alpha"] == True)  # noqa: E712 (NaN on reference rows)
     long["text"] = [
         BEST_MARK
         if blank
-        else _fmt(v, lo, hi)
+        else _fmt(v, lo, hi, metrics.REGISTRY[m].decimals if m in metrics.REGISTRY else 3)
         + (f" {OWN_ALPHA_MARK}" if own else "")
         + ("*" if k == "model" and best.get((d, m)) == v else "")
         for v, lo, hi, k, d, m, blank, own in zip(
@@ -251,7 +238,7 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     wide = wide.merge(extra, on=ROW_KEYS, how="left")
     wide["_order"] = wide["kind"].map(order)
     wide = wide.sort_values(["dataset", "_order", "model", "condition"]).drop(columns="_order")
-    cols = [m for m in TABLE_METRICS if m in wide.columns]
+    cols = [m for m in metrics.names() if m in wide.columns]  # every registered metric, in registry order
     wide["items"] = [str(int(x)) if not pd.isna(x) else "" for x in wide["n_items"]]
     wide["seeds"] = [
         str(int(x)) if k == "model" and not pd.isna(x) and x > 0 else ""
@@ -263,7 +250,7 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
         wide["censored"] = [_censored_text(x) for x in wide["censored_share"]]
         cols = [*cols, "censored"]
     wide = wide[[*front, *cols, "items"]].fillna("")
-    return wide.rename(columns={m: column_name(m) for m in cols if m in LOWER_IS_BETTER})
+    return wide.rename(columns={m: column_name(m) for m in cols if m in metrics.REGISTRY})
 
 
 def notes(wide: pd.DataFrame, split: str) -> list[str]:
@@ -275,8 +262,8 @@ def notes(wide: pd.DataFrame, split: str) -> list[str]:
         "the 4-bit base QLoRA recipes train on; their fine-tuning differences are taken against base-4bit).",
         "Reference rows: uniform; train_prior, the mean of the training items' vote distributions (the best "
         "constant under xentropy); best, Scruples' BEST oracle.",
-        f"{BEST_MARK} BEST is printed only where it is a floor ({', '.join(sorted(BEST_FLOORS))}); in the other "
-        "columns it is the oracle's expected score, which a model can beat (a flatter prediction scores better "
+        f"{BEST_MARK} BEST is printed only where it is a floor ({', '.join(sorted(metrics.best_floors()))}); in the "
+        "other columns it is the oracle's expected score, which a model can beat (a flatter prediction scores better "
         "under dirichlet with c = 1; distances have other minimisers), so it is left blank.",
         f"paper_xentropy is the paper's (mis-specified) cross-entropy, kept for comparison with {PAPER_CITATION}; "
         "published rows are theirs.",
