@@ -57,7 +57,7 @@ TRUNCATION_MARK = " [...]"
 # the rendered text is known (private-use code points: no template, tokenizer or Scruples text uses them).
 MARK_OPEN, MARK_CLOSE = "\U000f0000", "\U000f0001"
 # The token a copy of the tokenizer puts before a piece of text to encode it as the middle of a longer text
-# (``_encode_plain``); a SentencePiece-style tokenizer adds its prefix space only at the start of the text.
+# (``_plain_stretch``); a SentencePiece-style tokenizer adds its prefix space only at the start of the text.
 CONTEXT_TOKEN = "\U000f0002moralign-context\U000f0002"
 
 Spans = tuple[tuple[int, int], ...]
@@ -125,7 +125,10 @@ def _encode_plain(tokenizer: Any, text: str, plain: Spans) -> list[int]:
     """``text`` tokenized with no special token read inside ``plain``; as one plain call where none is read there.
 
     The special tokens the tokenizer reads outside ``plain`` stay; each stretch of text between two of them that
-    had a special token read inside ``plain`` is tokenized again with special tokens off (``_plain_stretch``).
+    had a special token read inside ``plain`` is tokenized again with special tokens off (``_plain_stretch``), whole,
+    as a vendor encodes a message. (transformers' ``apply_chat_template(sanitize_control_tokens=True)`` encodes each
+    such string apart from the text around it: Mistral's "a </s>" becomes "▁a", "▁", "</", ... where mistral-common
+    gives "▁a", "▁</", ...; so it is not used.)
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
@@ -163,7 +166,7 @@ def _plain_stretch(tokenizer: Any, text: str, start: int, end: int, expected: li
     tokens piece by piece, and knows whether a piece starts the text (where a SentencePiece-style tokenizer adds its
     prefix space, and nowhere else); the copy tokenizes CONTEXT_TOKEN + the stretch to keep that. ``expected``, the
     stretch's ids as the tokenizer gave them in the whole text (special tokens on), must be what the copy gives
-    with special tokens on: otherwise the copy does not reproduce the tokenizer and nothing is returned.
+    with special tokens on; otherwise the copy does not reproduce the tokenizer, and that is an error.
     """
     known = _COPIES.get(tokenizer)
     if known is None or known[0] != len(tokenizer):
@@ -326,16 +329,15 @@ class PromptBuilder:
         text = self._apply_template(tokenizer, row, msgs, answer is None)
         if pattern is None or not any(pattern.search(m["content"]) for m in msgs):
             return Rendered(text)
-        mark = lambda m: f"{MARK_OPEN}{m.group(0)}{MARK_CLOSE}"  # noqa: E731
-        marked = [{**m, "content": pattern.sub(mark, m["content"])} for m in msgs]
+        marked = [{**m, "content": pattern.sub(f"{MARK_OPEN}\\g<0>{MARK_CLOSE}", m["content"])} for m in msgs]
+        marked_text = self._apply_template(tokenizer, row, marked, answer is None)
         unmarked, plain, pos = "", [], 0
-        rendered = self._apply_template(tokenizer, row, marked, answer is None)
-        for m in re.finditer(f"{MARK_OPEN}(.*?){MARK_CLOSE}", rendered, flags=re.DOTALL):
-            unmarked += rendered[pos : m.start()]
+        for m in re.finditer(f"{MARK_OPEN}(.*?){MARK_CLOSE}", marked_text, flags=re.DOTALL):
+            unmarked += marked_text[pos : m.start()]
             plain.append((len(unmarked), len(unmarked) + len(m.group(1))))
             unmarked += m.group(1)
             pos = m.end()
-        unmarked += rendered[pos:]
+        unmarked += marked_text[pos:]
         if unmarked != text:
             found = sorted({m.group(0) for msg in msgs for m in pattern.finditer(msg["content"])})
             raise ValueError(
