@@ -13,11 +13,14 @@ Independent references for the prompt ids moralign builds:
   lines written into its system message, and the test asserts the template's output;
 - Zephyr-7B-beta (no vendor encoder): its published format written out by hand (`<|system|>`, `<|user|>`,
   `<|assistant|>` turns, `</s>` and a newline after each) encoded with the `sentencepiece` library itself,
-  segment by segment between the `</s>` tokens, plus exactly one BOS.
+  segment by segment between the `</s>` tokens the format writes, plus exactly one BOS.
+All three encode a message's content as text: a special token's string inside it is not that token (tiktoken with
+`allowed_special` empty; SentencePiece never reads a control symbol from text).
 """
 
 import json
 import shutil
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -64,6 +67,22 @@ def llama_tiktoken_path() -> Path:
 
 def mistral_common_file(filename: str) -> Path:
     return Path(str(resources.files("mistral_common") / "data" / filename))
+
+
+@cache
+def vendor_tokenizer(name: str):
+    """The vendor's tokenizer of a family, loaded once (Meta's takes about a second)."""
+    if name == "mistral-v0.3":
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        return MistralTokenizer.from_file(str(mistral_common_file("mistral_instruct_tokenizer_240323.model.v3")))
+    if name == "llama-3.1":
+        from llama_models.llama3.tokenizer import Tokenizer
+
+        return Tokenizer(llama_tiktoken_path())
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(mistral_common_file("tokenizer.model.v1")))
 
 
 def llama3_tokenizer(folder):
@@ -183,32 +202,29 @@ def vendor_reference(name: str, msgs: list[dict[str, str]]) -> list[int]:
     if name == "mistral-v0.3":
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
-        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-        vendor = MistralTokenizer.from_file(str(mistral_common_file("mistral_instruct_tokenizer_240323.model.v3")))
+        vendor = vendor_tokenizer(name)
         request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in msgs])
         return vendor.encode_chat_completion(request).tokens
     if name == "llama-3.1":
         from llama_models.datatypes import RawMessage, StopReason
         from llama_models.llama3.chat_format import ChatFormat
-        from llama_models.llama3.tokenizer import Tokenizer
 
         # the published template always opens with a system turn carrying the knowledge-cutoff and date lines
         system = msgs[0]["content"] if msgs[0]["role"] == "system" else ""
         turns = msgs[1:] if msgs[0]["role"] == "system" else msgs
         raw = [RawMessage(role="system", content=LLAMA_SYSTEM_HEADER + system)]
         raw += [RawMessage(role=m["role"], content=m["content"], stop_reason=StopReason.end_of_turn) for m in turns]
-        return ChatFormat(Tokenizer(llama_tiktoken_path())).encode_dialog_prompt(raw).tokens
-    import sentencepiece as spm
-
-    # Zephyr: its published format by hand, SentencePiece per segment between </s> (id 2), one BOS (id 1)
-    sp = spm.SentencePieceProcessor(model_file=str(mistral_common_file("tokenizer.model.v1")))
-    text = "".join(f"<|{m['role']}|>\n{m['content']}</s>\n" for m in msgs) + "<|assistant|>\n"
-    ids = [1]
-    for k, segment in enumerate(text.split("</s>")):
-        ids += ([2] if k else []) + (sp.encode(segment) if segment else [])
-    return ids
+        return ChatFormat(vendor_tokenizer(name)).encode_dialog_prompt(raw).tokens
+    # Zephyr: its published format by hand, SentencePiece per segment between the </s> (id 2) closing each turn,
+    # one BOS (id 1)
+    sp = vendor_tokenizer(name)
+    ids, segment = [1], ""
+    for m in msgs:
+        ids += [*sp.encode(f"{segment}<|{m['role']}|>\n{m['content']}"), 2]
+        segment = "\n"
+    return ids + sp.encode(f"{segment}<|assistant|>\n")
 
 
 @pytest.mark.parametrize("dataset", ["anecdotes", "dilemmas"])
@@ -220,6 +236,48 @@ def test_prompt_ids_equal_the_vendor_reference(real, processed, dataset, shots, 
         msgs = builder.messages(row)
         assert [m["role"] for m in msgs] == ["system"] * system + ["user", "assistant"] * shots + ["user"]
         assert builder.encode(tok, row).ids == vendor_reference(name, msgs), name
+
+
+# Every family's special tokens' strings (each a special token of its own family)
+FAMILY_SPECIALS = {
+    "llama-3.1": ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|python_tag|>"],
+    "mistral-v0.3": ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "<unk>"],
+    "zephyr": ["<s>", "</s>", "<unk>"],
+}
+INJECTED = list(dict.fromkeys(s for strings in FAMILY_SPECIALS.values() for s in strings))
+
+
+def injected(row: pd.Series, k: int = 0) -> pd.Series:
+    """The item with every family's special strings in its text: first, last, alone and run together."""
+    out = row.copy()
+    for f in ("title", "text") if "text" in row else ("action1", "action2"):
+        first, last = INJECTED[k % len(INJECTED)], INJECTED[-1 - k % len(INJECTED)]
+        out[f] = f"{first}{row[f]} {' '.join(INJECTED)}\n{''.join(INJECTED)} end{last}"
+    return out
+
+
+@pytest.mark.parametrize("dataset", ["anecdotes", "dilemmas"])
+@pytest.mark.parametrize("template", ["published", "bare"])
+def test_special_strings_in_message_text_stay_text(real, processed, dataset, template):
+    """Item, shots and system text holding special tokens' strings: moralign's ids are the vendor's, which read
+    them as text; a bare template (the item's fields alone) puts them right next to the template's markup."""
+    name, tok, _, _ = real
+    special = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    assert set(FAMILY_SPECIALS[name]) <= special
+    train = pd.read_parquet(processed[dataset] / "train.parquet")
+    shots = pd.DataFrame([injected(r, k) for k, (_, r) in enumerate(select_shots(train, 2, 0).iterrows())])
+    spec = {**SPECS[dataset], "n_shots": 2, "system": f"{SYSTEM} {INJECTED[1]}{INJECTED[0]}"}
+    if template == "bare":
+        spec["template"] = "{title}{text}" if dataset == "anecdotes" else "{action1}{action2}"
+    builder = PromptBuilder(TASKS[dataset], spec, chat=True, shots=shots)
+    for k, (_, row) in enumerate(pd.read_parquet(processed[dataset] / "dev.parquet").head(3).iterrows()):
+        row = injected(row, k)
+        prompt = builder.encode(tok, row)
+        assert all(s in prompt.text for s in INJECTED)
+        assert prompt.ids == vendor_reference(name, builder.messages(row)), name
+        # the continuation route: the same prompt ids, then the answer
+        ctx, cont = ex.continuation(tok, prompt.text, "Not at all", prompt.plain)
+        assert ctx == prompt.ids and tok.decode(cont).strip() == "Not at all"
 
 
 def test_system_text_goes_where_the_published_template_puts_it(real, processed):
@@ -282,23 +340,17 @@ def test_llama_date_line_is_pinned(real, processed):
 def first_answer_token(name: str, tok, answer: str) -> int:
     """The vendor's first token of an assistant answer (the token the model produces after the prompt)."""
     if name == "mistral-v0.3":
-        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-        vendor = MistralTokenizer.from_file(str(mistral_common_file("mistral_instruct_tokenizer_240323.model.v3")))
-        return vendor.instruct_tokenizer.tokenizer.encode(answer, bos=False, eos=False)[0]
+        return vendor_tokenizer(name).instruct_tokenizer.tokenizer.encode(answer, bos=False, eos=False)[0]
     if name == "llama-3.1":
         from llama_models.datatypes import RawMessage, StopReason
         from llama_models.llama3.chat_format import ChatFormat
-        from llama_models.llama3.tokenizer import Tokenizer
 
-        chat = ChatFormat(Tokenizer(llama_tiktoken_path()))
+        chat = ChatFormat(vendor_tokenizer(name))
         tokens, _ = chat.encode_message(
             RawMessage(role="assistant", content=answer, stop_reason=StopReason.end_of_turn), None
         )
         return tokens[len(chat._encode_header("assistant"))]
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(mistral_common_file("tokenizer.model.v1")))
+    sp = vendor_tokenizer(name)
     head = sp.encode("\n<|assistant|>\n")
     whole = sp.encode(f"\n<|assistant|>\n{answer}")
     assert whole[: len(head)] == head

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moralign.io import read_provenance, write_parquet
-from moralign.prompts import encode_text
+from moralign.prompts import Spans, encode_text, special_spans
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,14 @@ def answer_variants(tokenizer: Any, answers: Sequence[str]) -> AnswerTokens:
     return AnswerTokens(tuple(answers), tuple(variants), tuple(strings))
 
 
-def continuation(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+def continuation(tokenizer: Any, prompt: str, answer: str, plain: Spans = ()) -> tuple[list[int], list[int]]:
     """Context and continuation ids of ``prompt + answer`` tokenized jointly (merges at the boundary kept).
 
-    Both are encoded like every prompt (``moralign.prompts.encode_text``: one BOS where the tokenizer adds one).
+    Both are encoded like every prompt (``moralign.prompts.encode_text``: one BOS where the tokenizer adds one;
+    ``plain``, the prompt's ``EncodedPrompt.plain``, and the answer, message text too, tokenized as plain text).
     """
-    whole = encode_text(tokenizer, prompt + answer)
-    ctx = encode_text(tokenizer, prompt)
+    whole = encode_text(tokenizer, prompt + answer, plain + special_spans(tokenizer, answer, len(prompt)))
+    ctx = encode_text(tokenizer, prompt, plain)
     n = 0
     while n < min(len(ctx), len(whole)) and ctx[n] == whole[n]:
         n += 1
@@ -291,11 +292,12 @@ def average_orders(logp: np.ndarray, logp_swapped: np.ndarray) -> tuple[np.ndarr
 
 @dataclass
 class PromptSet:
-    """Prompts of one split, ready for the engine."""
+    """Prompts of one split, ready for the engine (``plain``: each text's ``EncodedPrompt.plain``; none: no spans)."""
 
     ids: list[str]
     texts: list[str]
     token_ids: list[list[int]]
+    plain: list[Spans] | None = None
 
 
 def score_prompts(scorer: Scorer, tokenizer: Any, prompts: PromptSet, answers: AnswerTokens, chat: bool) -> np.ndarray:
@@ -303,7 +305,12 @@ def score_prompts(scorer: Scorer, tokenizer: Any, prompts: PromptSet, answers: A
     if answers.single_token:
         return scorer.score_tokens(prompts.token_ids, answers)
     sep = "" if chat else " "
-    pairs = [continuation(tokenizer, t, sep + a) for t in prompts.texts for a in answers.answers]
+    plain = prompts.plain or [()] * len(prompts.texts)
+    pairs = [
+        continuation(tokenizer, t, sep + a, spans)
+        for t, spans in zip(prompts.texts, plain, strict=True)
+        for a in answers.answers
+    ]
     return scorer.score_sequences(pairs).reshape(len(prompts.texts), len(answers.answers))
 
 

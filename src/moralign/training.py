@@ -64,7 +64,7 @@ from moralign.extraction import (
     normalise,
     pad_batch,
 )
-from moralign.prompts import EncodedPrompt, PromptBuilder, encode_text
+from moralign.prompts import EncodedPrompt, PromptBuilder
 
 log = logging.getLogger(__name__)
 
@@ -501,12 +501,12 @@ def answer_targets(
     """Per choice, the token the model would produce: the first answer token of the encoded whole conversation.
 
     The conversation is the prompt as scored followed by the assistant's answer turn as the chat template writes
-    it (``PromptBuilder.conversation``; raw text: a space and the answer), encoded like every prompt. Its ids must
-    continue the prompt's ids, and the next one must be a variant of the answer; anything else is an error.
+    it (``PromptBuilder.encode_conversation``; raw text: a space and the answer), encoded like every prompt. Its ids
+    must continue the prompt's ids, and the next one must be a variant of the answer; anything else is an error.
     """
     targets = []
     for j, answer in enumerate(answers.answers):
-        whole = encode_text(tokenizer, builder.conversation(tokenizer, row, prompt.fields, answer))
+        whole = builder.encode_conversation(tokenizer, row, prompt, answer)
         n = len(prompt.ids)
         if whole[:n] != prompt.ids or len(whole) == n:
             raise ValueError(
@@ -589,7 +589,7 @@ def training_rows(
             ctx, cont = prompts[i].ids, [targets[i][j]]
         else:
             # the continuation route extraction scores: the answer tokenized jointly with the prompt text
-            ctx, cont = continuation(tokenizer, prompts[i].text, sep + answers.answers[j])
+            ctx, cont = continuation(tokenizer, prompts[i].text, sep + answers.answers[j], prompts[i].plain)
         out[i]["sequences"].append(ctx + cont)
         out[i]["labels"].append([-100] * len(ctx) + cont)
     return out

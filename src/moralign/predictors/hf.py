@@ -52,7 +52,9 @@ class HFPredictor(Predictor):
 
     def _logp(self, items: pd.DataFrame) -> tuple[list[EncodedPrompt], Any]:
         encoded = self.encode(items)
-        prompts = ex.PromptSet(list(items["id"]), [e.text for e in encoded], [e.ids for e in encoded])
+        prompts = ex.PromptSet(
+            list(items["id"]), [e.text for e in encoded], [e.ids for e in encoded], [e.plain for e in encoded]
+        )
         return encoded, ex.score_prompts(self.scorer, self.tokenizer, prompts, self.answers, self.builder.chat)
 
     def predict(self, items: pd.DataFrame) -> pd.DataFrame:
