@@ -66,7 +66,7 @@ def run(variant: str, recipe: str, kind: str, args, device: torch.device) -> Non
     quantized = variant == "qlora"
     cfg = load_config([ROOT / "params.yaml"])
     settings = {
-        **cfg.finetune(recipe),
+        **cfg.finetune(recipe, seed=0),
         "quantization": "4bit" if quantized else "none",
         "max_steps": args.warmup + args.steps,
         "eval_steps": 10**6,  # one dev evaluation, after the last (timed) step

@@ -3,8 +3,8 @@
     python benchmarks/grid_cost.py                   # the table of docs/performance.md, "What the paper grid costs"
     python benchmarks/grid_cost.py --config params.yaml other.yaml
 
-The grid is the configuration's (LoRA-tuned models x datasets x {base + recipes}; API models cost no GPU time and
-the encoder baselines are left out), with
+The grid is the configuration's (LoRA-tuned models x datasets x {base conditions + recipes x seeds}; API models
+cost no GPU time and the encoder baselines are left out), with
 its `finetune` settings (epochs, batch_size, token_budget, max_length, eval_steps, max_dev_items,
 votes_per_item, quantization) and `extract` settings (splits, debias). Everything else is stated below:
 
@@ -128,7 +128,7 @@ def table(cfg) -> str:
             old = sum(finetune_hours(dataset, recipe, "old"))
             train, dev = finetune_hours(dataset, recipe, "new")
             new = train + dev
-            n = len(local)
+            n = len(local) * len(recipe["seeds"])  # one adapter per model and training seed
             totals["old"] += n * old
             totals["new"] += n * new
             kind = "QLoRA" if recipe["quantization"] == "4bit" else "bf16 LoRA"
@@ -138,7 +138,9 @@ def table(cfg) -> str:
                 f"{n * old:.2f} | {n * new:.2f} |"
             )
         hours = extract_hours(dataset, extract)
-        n = len(local) * (1 + len(recipes))
+        # per model: its base conditions (base, and base-4bit beside QLoRA recipes) and one cell per recipe and seed
+        n = sum(len(cfg.conditions_of(m)) - len(recipes) for m in local)
+        n += len(local) * sum(len(cfg.finetune(r)["seeds"]) for r in recipes)
         totals["old"] += n * hours
         totals["new"] += n * hours
         out.append(

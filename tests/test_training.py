@@ -179,7 +179,7 @@ def test_training_and_extraction_see_identical_ids(tmp_path, tiny_models, proces
     tok = predictor.tokenizer
     builder = PromptBuilder.from_config(cfg, model, dataset, pd.read_parquet(processed[dataset] / "train.parquet"))
     answers = ex.answer_variants(tok, builder.answers)
-    settings = {**cfg.finetune("votes"), "max_length": max_length}
+    settings = {**cfg.finetune("votes", seed=0), "max_length": max_length}
     frames = [pd.read_parquet(processed[dataset] / f"{split}.parquet") for split in ("train", "dev", "test")]
     if dataset == "anecdotes":
         frames.append(long_items(frames[1].head(8), 20))
@@ -266,7 +266,7 @@ def test_vote_weights_are_the_sampled_answers():
 
 def recipe_settings(objective, **overrides):
     return {
-        **validate(demo_config()).finetune(objective),
+        **validate(demo_config()).finetune(objective, seed=0),
         "lora_r": 4,
         "lora_alpha": 8,
         "lora_dropout": 0.0,  # K rows get K dropout masks, one pass gets one: equal only without dropout

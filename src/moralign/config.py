@@ -257,9 +257,13 @@ class Config:
         """Prompt variant of ``dataset``."""
         return self.data["prompts"][dataset]
 
-    def finetune(self, recipe: str) -> dict[str, Any]:
-        """Hyperparameters of ``recipe``: the shared ``finetune`` section overridden by the recipe's own keys."""
-        return {**self.data["finetune"], **self.data["recipes"][recipe]}
+    def finetune(self, recipe: str, seed: int | None = None) -> dict[str, Any]:
+        """Hyperparameters of ``recipe``: the shared ``finetune`` section overridden by the recipe's own keys.
+
+        With ``seed`` (one of ``finetune.seeds``), the settings of that one training run: ``seed`` set.
+        """
+        settings = {**self.data["finetune"], **self.data["recipes"][recipe]}
+        return settings if seed is None else {**settings, "seed": seed}
 
     def section_hash(self, *keys: str) -> str:
         """Short stable hash of the named sections (dotted keys), for rerun triggers and provenance."""

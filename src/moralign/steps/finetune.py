@@ -28,7 +28,7 @@ def run(
 
     from moralign.modeling import configure_torch, load_model, load_tokenizer, resolve_device
 
-    settings = {**cfg.finetune(recipe), "seed": seed}
+    settings = cfg.finetune(recipe, seed)
     check_model_folder(base_dir, cfg.model(model)["chat_template"])
     meta_path = out_dir / "metadata.json"
     fingerprint = digest({"settings": settings, "prompt": cfg.prompt(dataset), "model": cfg.model(model)})
