@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 from moralign import training
 from moralign.config import load_config
 from moralign.extraction import AnswerTokens
+from moralign.trainer import build_trainer, plan_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # Prompt lengths in tokens with the chat template: anecdotes as in gpu_extract.py, dilemmas two short actions
@@ -79,7 +80,7 @@ def run(variant: str, recipe: str, kind: str, args, device: torch.device) -> Non
     model = random_llama(shape, device, dtype)
     if quantized:
         model = quantize_nf4(model, device)
-    plan = training.plan_for(model, settings, device)
+    plan = plan_for(model, settings, device)
     settings.update(gradient_checkpointing=plan["gradient_checkpointing"], token_budget=plan["token_budget"])
     model = training.wrap_lora(model, settings, quantized)
     n_rows = settings["batch_size"] * (args.warmup + args.steps)
@@ -88,7 +89,7 @@ def run(variant: str, recipe: str, kind: str, args, device: torch.device) -> Non
     dev = ([r["input_ids"] for r in rows[:8]], np.full((8, 2), 0.5))
     clock = StepClock(device, args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = training.build_trainer(
+        trainer = build_trainer(
             recipe, model, stub_tokenizer(), rows, dev, ANSWERS, settings, Path(tmp), device
         )
         trainer.add_callback(clock)

@@ -16,6 +16,7 @@ from moralign.modeling import load_model, load_tokenizer
 from moralign.predictors import CellInputs
 from moralign.predictors import hf as hf_predictor
 from moralign.prompts import PromptBuilder
+from moralign.trainer import MIN_SHARED_PREFIX, StepCollator, build_trainer, dev_xentropy, memory_plan
 from tests.conftest import ROOT
 from tests.test_extraction import long_items
 
@@ -58,7 +59,7 @@ def test_soft_objective_is_the_metric(tiny_models, processed):
     _, p_extract = ex.normalise(ex.Scorer(model, tok.pad_token_id).score_tokens(ids, answers))
     np.testing.assert_allclose(p_train, p_extract, atol=1e-5)
     human = counts_matrix(frame) / 5
-    assert training.dev_xentropy(model, tok.pad_token_id, ids, answers, human) == pytest.approx(
+    assert dev_xentropy(model, tok.pad_token_id, ids, answers, human) == pytest.approx(
         float(-(human * np.log(p_extract)).sum(1).mean()), abs=1e-5
     )
 
@@ -284,7 +285,7 @@ def tiny_lora(tiny_models):
 def trainer_for(tmp_path, name, tok, lm, objective, rows, answers, **overrides):
     settings = recipe_settings(objective, **overrides)
     dev = ([rows[0].get("input_ids") or rows[0]["sequences"][0][:-1]], np.array([[0.5, 0.5]]))
-    return training.build_trainer(
+    return build_trainer(
         objective, copy.deepcopy(lm), tok, rows, dev, answers, settings, tmp_path / name, torch.device("cpu")
     )
 
@@ -293,7 +294,7 @@ def step_gradients(trainer, rows):
     """Loss and gradients of one optimiser step over ``rows`` (the trainer's own training_step)."""
     model = trainer.model
     model.zero_grad(set_to_none=True)
-    loss = trainer.training_step(model, training.StepCollator()(rows))
+    loss = trainer.training_step(model, StepCollator()(rows))
     return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -349,7 +350,7 @@ def test_micro_batches_and_shared_prefix_do_not_change_the_step(tmp_path, tiny_m
     split = trainer_for(tmp_path, "split", tok, lm, objective, rows, answers, token_budget=450)
     lengths = [len(r["input_ids"]) for r in rows]
     assert len(ex.make_batches(lengths, 450, len(rows))) >= 4
-    assert ex.common_prefix_length([r["input_ids"] for r in rows]) >= training.MIN_SHARED_PREFIX
+    assert ex.common_prefix_length([r["input_ids"] for r in rows]) >= MIN_SHARED_PREFIX
     loss_whole, grads_whole = step_gradients(whole, rows)
     for other in (plain, split):
         loss, grads = step_gradients(other, rows)
@@ -364,19 +365,19 @@ GIB = 2**30
 def test_memory_plan():
     """Recompute activations only when memory requires it; shrink the micro-batch first, down to 4,096 tokens."""
     shape = {"n_layers": 32, "hidden_size": 4096}  # Llama-3.1-8B: 84 B x 32 x 4096 = 10.5 MiB per token (bf16)
-    plan = training.memory_plan("auto", 8192, **shape, quantized=False, free_bytes=None)
+    plan = memory_plan("auto", 8192, **shape, quantized=False, free_bytes=None)
     assert plan["gradient_checkpointing"] is False and "CPU" in plan["reason"]
-    plan = training.memory_plan(True, 8192, **shape, quantized=False, free_bytes=None)
+    plan = memory_plan(True, 8192, **shape, quantized=False, free_bytes=None)
     assert plan == {"gradient_checkpointing": True, "token_budget": 8192, "reason": "as configured"}
     # an H200 after loading a bf16 8B model (~124 GiB free): 8,192 tokens need ~84 GiB
-    plan = training.memory_plan("auto", 8192, **shape, quantized=False, free_bytes=124 * GIB)
+    plan = memory_plan("auto", 8192, **shape, quantized=False, free_bytes=124 * GIB)
     assert (plan["gradient_checkpointing"], plan["token_budget"]) == (False, 8192)
     # an H100 (~64 GiB free): halve to 4,096 tokens (~42 GiB)
-    plan = training.memory_plan("auto", 8192, **shape, quantized=False, free_bytes=64 * GIB)
+    plan = memory_plan("auto", 8192, **shape, quantized=False, free_bytes=64 * GIB)
     assert (plan["gradient_checkpointing"], plan["token_budget"]) == (False, 4096)
     # QLoRA (128 B) on a 40 GiB card: 4,096 tokens need 64 GiB -> recompute, at the configured budget
-    plan = training.memory_plan("auto", 8192, **shape, quantized=True, free_bytes=40 * GIB)
+    plan = memory_plan("auto", 8192, **shape, quantized=True, free_bytes=40 * GIB)
     assert (plan["gradient_checkpointing"], plan["token_budget"]) == (True, 8192) and "exceed" in plan["reason"]
     # a configured budget below 4,096 is never halved
-    plan = training.memory_plan("auto", 2048, **shape, quantized=True, free_bytes=20 * GIB)
+    plan = memory_plan("auto", 2048, **shape, quantized=True, free_bytes=20 * GIB)
     assert (plan["gradient_checkpointing"], plan["token_budget"]) == (True, 2048)

@@ -16,6 +16,7 @@ from moralign.data import counts_matrix
 from moralign.io import atomic_dir, environment, read_json, write_json
 from moralign.modelfiles import base_identity, canonicalize_adapter_config, check_model_folder
 from moralign.prompts import EncodedPrompt, PromptBuilder
+from moralign.trainer import build_trainer, plan_for, train
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,11 @@ def run(
     if settings["objective"] == "soft":
         train_answers = training.soft_training_answers(builder, tokenizer, train_items, train_prompts, answers)
         log.info("soft recipe: training mass on the variants %s", train_answers.variant_strings)
-    plan = training.plan_for(base, settings, device)  # gradient checkpointing and micro-batch size: memory only
+    plan = plan_for(base, settings, device)  # gradient checkpointing and micro-batch size: memory only
     resolved = {**settings, **{k: plan[k] for k in ("gradient_checkpointing", "token_budget")}}
     lm = training.wrap_lora(base, resolved, settings["quantization"] == "4bit")
     checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
-    trainer = training.build_trainer(
+    trainer = build_trainer(
         settings["objective"],
         lm,
         tokenizer,
@@ -83,7 +84,7 @@ def run(
         device,
         train_answers,
     )
-    result = training.train(trainer, checkpoints)
+    result = train(trainer, checkpoints)
     meta = {
         "fingerprint": fingerprint,
         "model": model,
