@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
+from moralign.pipeline.cells import REPORTS
 from moralign.pipeline.plan import Plan, _as_list, fill
-from moralign.pipeline.table import REPORTS, Stage
+from moralign.pipeline.table import Stage
 
 _FORMATTER = string.Formatter()
 

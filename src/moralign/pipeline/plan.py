@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moralign.config import Config
-from moralign.pipeline.table import BY_NAME, STAGES, Instance, Patterns, Stage
+from moralign.pipeline.cells import Instance, Patterns
+from moralign.pipeline.table import BY_NAME, STAGES, Stage
 
 
 class _Keep(dict):
@@ -27,8 +28,6 @@ def _fill_all(patterns: Patterns, values: dict[str, str]) -> Patterns:
 
 def _as_list(value: str | list[str]) -> list[str]:
     return value if isinstance(value, list) else [value]
-
-
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ Every step also receives the exact list of config sections it declared (``--sect
 The extract stage of each backend's untrained conditions comes from the backend registry (moralign.backends):
 a new backend gets its stage without an edit here.
 
-Path grammar (one everywhere): ``<root>/<run>/<dataset>/<model>/<cell>/...``, where a cell is a condition, then
-``/seed-<s>`` for a trained one; logs in ``logs/<stage>/<run>/<wildcards...>.log``.
+The path grammar and the instances of each stage (the cells of a run) are in moralign.pipeline.cells; logs go to
+``logs/<stage>/<run>/<wildcards...>.log``.
 """
 
 from __future__ import annotations
@@ -24,30 +24,34 @@ from dataclasses import dataclass
 from typing import Any
 
 from moralign import backends
-from moralign.config import CONDITION_TRAINED, Config, load_schema
+from moralign.config import CONDITION_TRAINED, Config
 from moralign.data import ARCHIVES, TASKS
-from moralign.figures import FIGURES
+from moralign.pipeline.cells import (
+    ADAPTER,
+    BASE_MODEL,
+    ENCODER,
+    ITEM_SCORES,
+    PREDICTIONS,
+    PROCESSED,
+    RAW,
+    REFERENCES,
+    REPORTS,
+    SCORES,
+    Instance,
+    Patterns,
+    archives,
+    backend_cells,
+    base_cells,
+    cell_path,
+    encoder_cells,
+    figure_paths,
+    keys_but_seeds,
+    local_models,
+    model_instance,
+    run_cells,
+    tuned_cells,
+)
 from moralign.pipeline.code import ROOT, module_dependencies, script_dependencies
-
-RAW = "data/{run}/raw/{archive}.tar.gz"
-PROCESSED = "data/{run}/processed/{dataset}"
-BASE_MODEL = "models/{run}/base/{model}"
-ADAPTER = "models/{run}/adapters/{dataset}/{model}/{recipe}/seed-{seed}"
-ENCODER = "models/{run}/encoders/{dataset}/{model}/seed-{seed}"
-# {cell} = the condition, then /seed-<s> for a trained cell (one per training seed)
-PREDICTIONS = "results/{run}/predictions/{dataset}/{model}/{cell}"
-SCORES = "results/{run}/scores/{dataset}/{model}/{cell}.json"
-ITEM_SCORES = "results/{run}/scores/{dataset}/{model}/{cell}.items.parquet"
-REFERENCES = "results/{run}/scores/{dataset}/references.json"
-REPORTS = "reports/{run}"
-FIGURE = "reports/{run}/figures/{dataset}_{kind}.{ext}"
-# API responses, keyed by request: outside every declared output (orchestrators delete those before a rerun), so
-# reruns and interrupted runs never pay twice; shared by every run and cell.
-API_CACHE = "cache/openai"
-
-
-Instance = dict[str, str]
-Patterns = dict[str, str | list[str]]
 
 
 @dataclass(frozen=True)
@@ -100,116 +104,6 @@ class Stage:
         return f"python {self.script_path} --config {{config}} --sections {{sections}} {self.args} --log {{log}}"
 
 
-# ------------------------------------------------------------------------------------------------ instances
-
-
-def model_section(model: str) -> str:
-    """The config section of one model entry.
-
-    DVC's params syntax splits keys on dots, so a model whose name has one (``llama-3.1-8b-instruct``) is tracked
-    by the whole ``models`` section, in both front ends alike.
-    """
-    return "models" if "." in model else f"models.{model}"
-
-
-def cell_name(condition: str, seed: int | str | None) -> str:
-    """The path part of a cell: its condition, then ``/seed-<s>`` for a trained cell."""
-    return condition if seed is None else f"{condition}/seed-{seed}"
-
-
-def _cell(pattern: str, condition: str, seed: str | None = None) -> str:
-    return pattern.replace("{cell}", cell_name(condition, seed))
-
-
-def _models_of(backend: str) -> Callable[[Config], list[str]]:
-    return lambda cfg: [m for m in cfg.models if cfg.backend(m) == backend]
-
-
-_hf_models = _models_of("hf")  # causal LMs: LoRA recipes
-_encoder_models = _models_of("encoder")  # encoder baselines: trained the Scruples way
-
-
-def _local_models(cfg: Config) -> list[str]:
-    """Models with weights in a base model folder, fetched or built alike (their backend says so)."""
-    return [m for m in cfg.models if backends.get(cfg.backend(m)).local_weights]
-
-
-def _model_instance(model: str) -> Instance:
-    return {"model": model, "model_section": model_section(model)}
-
-
-def _base_cells(cfg: Config, models: Callable[[Config], list[str]] = lambda cfg: cfg.models) -> list[Instance]:
-    """Every (dataset, model, base condition) of ``models`` (``base``, and ``base-4bit`` beside QLoRA recipes)."""
-    return [
-        {"dataset": d, **_model_instance(m), "condition": c}
-        for d in cfg.datasets
-        for m in models(cfg)
-        for c in cfg.conditions_of(m)
-        if c not in cfg.tuned(m)
-    ]
-
-
-def _tuned_cells(cfg: Config) -> list[Instance]:
-    """Every (dataset, model, recipe, seed) of the causal LMs; ``baseline`` = the base it is compared with."""
-    return [
-        {
-            "dataset": d,
-            **_model_instance(m),
-            "recipe": r,
-            "seed": str(s),
-            "baseline": cfg.baseline_of(r),
-            "quantization": cfg.finetune(r)["quantization"],
-        }
-        for d in cfg.datasets
-        for m in _hf_models(cfg)
-        for r in cfg.tuned(m)
-        for s in cfg.seeds_of(m, r)
-    ]
-
-
-def _backend_cells(backend: backends.Backend) -> Callable[[Config], list[Instance]]:
-    """The untrained cells of one backend's models (with the response cache where the backend keeps one)."""
-    extra = {"cache": API_CACHE} if "cache" in backend.extract_inputs else {}
-    return lambda cfg: [{**i, **extra} for i in _base_cells(cfg, _models_of(backend.name))]
-
-
-def _encoder_cells(cfg: Config) -> list[Instance]:
-    """Every (dataset, encoder model, seed)."""
-    return [
-        {"dataset": d, **_model_instance(m), "seed": str(s)}
-        for d in cfg.datasets
-        for m in _encoder_models(cfg)
-        for s in cfg.seeds_of(m, CONDITION_TRAINED)
-    ]
-
-
-def _archives(cfg: Config) -> list[Instance]:
-    needed = {TASKS[d].archive for d in cfg.datasets}
-    if any("build" in cfg.model(m) for m in _local_models(cfg)):
-        needed |= set(ARCHIVES)  # a tiny model's tokenizer is trained on the sample text of both archives
-    return [{"archive": a} for a in ARCHIVES if a in needed]
-
-
-def _run_cells(cfg: Config, pattern: str, dataset: str = "{dataset}") -> list[str]:
-    """``pattern`` for every cell of the run (of one dataset, or of ``{dataset}``)."""
-    return [
-        pattern.format(run="{run}", dataset=dataset, model=m, cell=cell_name(c, s))
-        for m in cfg.models
-        for c in cfg.conditions_of(m)
-        for s in cfg.seeds_of(m, c)
-    ]
-
-
-def _figures(ext: str) -> list[str]:
-    return [FIGURE.format(run="{run}", dataset="{dataset}", kind=k, ext=ext) for k in FIGURES]
-
-
-def _keys_but_seeds(section: str) -> tuple[str, ...]:
-    """A section's keys, each declared alone, but its ``seeds``: adding a seed must not rerun the others."""
-    keys = load_schema()["properties"][section]["properties"]
-    return tuple(f"{section}.{k}" for k in keys if k != "seeds")
-
-
 TABLE = f"{REPORTS}/results"
 # What decides a run's cells (moralign.config.Config.cells): models, recipes, their seeds and base weights
 SUMMARY_SECTIONS = ("experiment", "models", "finetune.quantization", "finetune.seeds", "recipes", "encoder.seeds")
@@ -226,10 +120,13 @@ def _score_stage(
         script="score",
         wildcards=wildcards,
         instances=instances,
-        inputs=lambda cfg: {"data": PROCESSED, "predictions": _cell(PREDICTIONS, cell, "{seed}" if seeded else None)},
+        inputs=lambda cfg: {
+            "data": PROCESSED,
+            "predictions": cell_path(PREDICTIONS, cell, "{seed}" if seeded else None),
+        },
         outputs=lambda cfg: {
-            "scores": _cell(SCORES, cell, "{seed}" if seeded else None),
-            "per_item": _cell(ITEM_SCORES, cell, "{seed}" if seeded else None),
+            "scores": cell_path(SCORES, cell, "{seed}" if seeded else None),
+            "per_item": cell_path(ITEM_SCORES, cell, "{seed}" if seeded else None),
         },
         sections=("score", "experiment.eval_split"),
         args=(
@@ -254,9 +151,9 @@ def _extract_stage(backend: backends.Backend) -> Stage:
         script="extract",
         wildcards=("dataset", "model", "condition"),
         # hf: base on the weights extract.quantization loads; base-4bit on the 4-bit base QLoRA recipes train on
-        instances=_backend_cells(backend),
+        instances=backend_cells(backend),
         inputs=lambda cfg: inputs,
-        outputs=lambda cfg: {"predictions": _cell(PREDICTIONS, "{condition}")},
+        outputs=lambda cfg: {"predictions": cell_path(PREDICTIONS, "{condition}")},
         folders=("predictions",),
         sections=("extract", "prompts.{dataset}", "{model_section}"),
         args=args + " --out-dir {output.predictions}",
@@ -273,7 +170,7 @@ STAGES: tuple[Stage, ...] = (
         group="data",
         script="download",
         wildcards=("archive",),
-        instances=_archives,
+        instances=archives,
         inputs=lambda cfg: {},
         outputs=lambda cfg: {"archive": RAW, "sha256": f"{RAW}.sha256"},
         sections=("data.source", "data.sha256.{archive}", "data.sample"),
@@ -296,7 +193,7 @@ STAGES: tuple[Stage, ...] = (
         group="models",
         script="fetch_model",
         wildcards=("model",),
-        instances=lambda cfg: [_model_instance(m) for m in _local_models(cfg) if "build" in cfg.model(m)],
+        instances=lambda cfg: [model_instance(m) for m in local_models(cfg) if "build" in cfg.model(m)],
         inputs=lambda cfg: {"archives": [RAW.format(run="{run}", archive=a) for a in ARCHIVES]},
         outputs=lambda cfg: {"model": BASE_MODEL},
         folders=("model",),
@@ -308,7 +205,7 @@ STAGES: tuple[Stage, ...] = (
         group="models",
         script="fetch_model",
         wildcards=("model",),
-        instances=lambda cfg: [_model_instance(m) for m in _local_models(cfg) if "build" not in cfg.model(m)],
+        instances=lambda cfg: [model_instance(m) for m in local_models(cfg) if "build" not in cfg.model(m)],
         inputs=lambda cfg: {},
         outputs=lambda cfg: {"model": BASE_MODEL},
         folders=("model",),
@@ -321,11 +218,11 @@ STAGES: tuple[Stage, ...] = (
         group="models",
         script="finetune",
         wildcards=("dataset", "model", "recipe", "seed"),
-        instances=_tuned_cells,
+        instances=tuned_cells,
         inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL},
         outputs=lambda cfg: {"adapter": ADAPTER},
         folders=("adapter",),
-        sections=(*_keys_but_seeds("finetune"), "recipes.{recipe}", "prompts.{dataset}", "{model_section}"),
+        sections=(*keys_but_seeds("finetune"), "recipes.{recipe}", "prompts.{dataset}", "{model_section}"),
         args=(
             "--model {model} --dataset {dataset} --recipe {recipe} --seed {seed} --data-dir {input.data}"
             " --base {input.base} --out {output.adapter}"
@@ -338,11 +235,11 @@ STAGES: tuple[Stage, ...] = (
         group="models",
         script="train_encoder",
         wildcards=("dataset", "model", "seed"),
-        instances=_encoder_cells,
+        instances=encoder_cells,
         inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL},
         outputs=lambda cfg: {"encoder": ENCODER},
         folders=("encoder",),
-        sections=(*_keys_but_seeds("encoder"), "{model_section}"),
+        sections=(*keys_but_seeds("encoder"), "{model_section}"),
         args=(
             "--model {model} --dataset {dataset} --seed {seed} --data-dir {input.data} --base {input.base}"
             " --out {output.encoder}"
@@ -356,9 +253,9 @@ STAGES: tuple[Stage, ...] = (
         script="extract",
         wildcards=("dataset", "model", "recipe", "seed"),
         # on the base weights the adapter was trained on (4-bit for QLoRA: read from the adapter's metadata)
-        instances=_tuned_cells,
+        instances=tuned_cells,
         inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL, "adapter": ADAPTER},
-        outputs=lambda cfg: {"predictions": _cell(PREDICTIONS, "{recipe}", "{seed}")},
+        outputs=lambda cfg: {"predictions": cell_path(PREDICTIONS, "{recipe}", "{seed}")},
         folders=("predictions",),
         sections=("extract", "prompts.{dataset}", "{model_section}"),
         args=(
@@ -373,9 +270,9 @@ STAGES: tuple[Stage, ...] = (
         name="extract_trained",
         script="extract",
         wildcards=("dataset", "model", "seed"),
-        instances=_encoder_cells,
+        instances=encoder_cells,
         inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL, "encoder": ENCODER},
-        outputs=lambda cfg: {"predictions": _cell(PREDICTIONS, CONDITION_TRAINED, "{seed}")},
+        outputs=lambda cfg: {"predictions": cell_path(PREDICTIONS, CONDITION_TRAINED, "{seed}")},
         folders=("predictions",),
         # no prompt: the encoder reads the item's text, truncated as in training (recorded in its folder)
         sections=("extract", "{model_section}"),
@@ -387,21 +284,21 @@ STAGES: tuple[Stage, ...] = (
         threads_section="extract",
         extra_modules=("moralign.predictors.encoder",),
     ),
-    _score_stage("score_base", ("dataset", "model", "condition"), _base_cells, "{condition}"),
+    _score_stage("score_base", ("dataset", "model", "condition"), base_cells, "{condition}"),
     Stage(
         name="score_tuned",
         script="score",
         wildcards=("dataset", "model", "recipe", "seed"),
-        instances=_tuned_cells,
+        instances=tuned_cells,
         inputs=lambda cfg: {
             "data": PROCESSED,
-            "predictions": _cell(PREDICTIONS, "{recipe}", "{seed}"),
+            "predictions": cell_path(PREDICTIONS, "{recipe}", "{seed}"),
             # the base condition on the weights the recipe trained on (base-4bit beside QLoRA)
-            "baseline": _cell(PREDICTIONS, "{baseline}"),
+            "baseline": cell_path(PREDICTIONS, "{baseline}"),
         },
         outputs=lambda cfg: {
-            "scores": _cell(SCORES, "{recipe}", "{seed}"),
-            "per_item": _cell(ITEM_SCORES, "{recipe}", "{seed}"),
+            "scores": cell_path(SCORES, "{recipe}", "{seed}"),
+            "per_item": cell_path(ITEM_SCORES, "{recipe}", "{seed}"),
         },
         sections=("score", "experiment.eval_split"),
         args=(
@@ -410,7 +307,7 @@ STAGES: tuple[Stage, ...] = (
             " --items {output.per_item}"
         ),
     ),
-    _score_stage("score_trained", ("dataset", "model", "seed"), _encoder_cells, CONDITION_TRAINED),
+    _score_stage("score_trained", ("dataset", "model", "seed"), encoder_cells, CONDITION_TRAINED),
     Stage(
         name="references",
         script="references",
@@ -428,9 +325,9 @@ STAGES: tuple[Stage, ...] = (
         wildcards=(),
         instances=lambda cfg: [{"reports": REPORTS.format(run=cfg.run)}],
         inputs=lambda cfg: {
-            "scores": [p for d in cfg.datasets for p in _run_cells(cfg, SCORES, d)],
+            "scores": [p for d in cfg.datasets for p in run_cells(cfg, SCORES, d)],
             # per-item metrics of every cell: the table's means over seeds resample seeds and items together
-            "per_item": [p for d in cfg.datasets for p in _run_cells(cfg, ITEM_SCORES, d)],
+            "per_item": [p for d in cfg.datasets for p in run_cells(cfg, ITEM_SCORES, d)],
             "references": [REFERENCES.format(run="{run}", dataset=d) for d in cfg.datasets],
         },
         outputs=lambda cfg: {
@@ -476,9 +373,9 @@ STAGES: tuple[Stage, ...] = (
             "results": f"{TABLE}.csv",
             "differences": f"{REPORTS}/differences.csv",
             "data": PROCESSED,
-            "predictions": _run_cells(cfg, PREDICTIONS),
+            "predictions": run_cells(cfg, PREDICTIONS),
         },
-        outputs=lambda cfg: {"png": _figures("png"), "pdf": _figures("pdf")},
+        outputs=lambda cfg: {"png": figure_paths("png"), "pdf": figure_paths("pdf")},
         report_items=(
             ("png", {"caption": "../report/figures.rst", "category": "Figures", "subcategory": "{dataset}"}),
         ),
