@@ -124,7 +124,7 @@ def test_code_dependencies_follow_the_imports():
     # lazy imports inside functions count, and so do the data files a module reads (the config schema)
     assert "src/moralign/predictors/hf.py" in by_stage["extract_base"]  # imported by name at run time
     assert "src/moralign/config.schema.yaml" in by_stage["download"]
-    assert all(f"workflow/scripts/{s.script}.py" in by_stage[s.name] for s in stages.STAGES)
+    assert all(s.script_path in by_stage[s.name] for s in stages.STAGES)
     # every module of the package is run by some step (or is the table itself)
     runs = set().union(*by_stage.values())
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "src/moralign").rglob("*.py")}

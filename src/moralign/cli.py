@@ -32,6 +32,18 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def training_parser(doc: str | None, seeds: str) -> argparse.ArgumentParser:
+    """:func:`parser` plus what every training step takes: the cell (model, dataset, seed), its data and base."""
+    p = parser(doc)
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--seed", type=int, default=0, help=f"training seed (one of {seeds})")
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--base", required=True, type=Path, help="folder of the base model (fetch_model's output)")
+    p.add_argument("--out", required=True, type=Path)
+    return p
+
+
 def start(args: argparse.Namespace) -> Config:
     """Set up logging; load and validate the configuration, cut down to the step's declared sections."""
     setup_logging(args.log)

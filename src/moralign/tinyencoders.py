@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moralign.data import ARCHIVES, member_name
+from moralign.tinyspec import shape
 
 # Special tokens in each family's spelling and order (bert-large-uncased's vocab.txt, roberta-large's vocab.json).
 _SPECIALS = {
@@ -112,14 +113,7 @@ def build_tiny_encoder(spec: dict[str, Any], archives: Iterable[str | Path], out
 
     architecture = spec["architecture"]
     tokenizer = train_tokenizer(train_texts(archives), architecture, spec["vocab_size"])
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec["hidden_size"],
-        intermediate_size=spec["intermediate_size"],
-        num_hidden_layers=spec["num_layers"],
-        num_attention_heads=spec["num_heads"],
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    common = shape(spec, len(tokenizer), tokenizer.pad_token_id)
     torch.manual_seed(spec["seed"])
     if architecture == "bert":
         model = BertModel(BertConfig(max_position_embeddings=512, type_vocab_size=2, **common))

@@ -24,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from moralign.tinyspec import shape
+
 TEMPLATE_DIR = Path(__file__).with_name("chat_templates")
 
 
@@ -149,16 +151,11 @@ def build_tiny_model(spec: dict[str, Any], archives: Iterable[str | Path], out_d
     """Build a tiny random model per ``spec`` (the config's ``models.<name>.build``) and save it to ``out_dir``."""
     tokenizer = train_tokenizer(sample_corpus(archives), spec["chat_format"], spec["vocab_size"])
     common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec["hidden_size"],
-        intermediate_size=spec["intermediate_size"],
-        num_hidden_layers=spec["num_layers"],
-        num_attention_heads=spec["num_heads"],
+        **shape(spec, len(tokenizer), tokenizer.pad_token_id),
         num_key_value_heads=spec["num_kv_heads"],
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     torch.manual_seed(spec["seed"])

@@ -6,21 +6,13 @@ Example:
         --base models/paper/base/roberta-large --out models/paper/encoders/anecdotes/roberta-large/seed-0
 """
 
-from pathlib import Path
 
 from moralign import cli
 from moralign.steps import train_encoder
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--seed", type=int, default=0, help="training seed (one of encoder.seeds)")
-    p.add_argument("--data-dir", required=True, type=Path)
-    p.add_argument("--base", required=True, type=Path, help="folder of the pretrained encoder (fetch_model's output)")
-    p.add_argument("--out", required=True, type=Path)
-    args = p.parse_args(argv)
+    args = cli.training_parser(__doc__, "encoder.seeds").parse_args(argv)
     train_encoder.run(cli.start(args), args.model, args.dataset, args.data_dir, args.base, args.out, args.seed)
 
 

@@ -43,12 +43,12 @@ class Plan:
 
     def inputs(self, stage: Stage) -> Patterns:
         """Input patterns (``{run}`` filled), code included as ``code``."""
-        patterns = _fill_all(stage.inputs(self.cfg), {"run": self.cfg.run})
+        patterns = _fill_all(stage.input_patterns(self.cfg), {"run": self.cfg.run})
         return {**patterns, "code": stage.code()}
 
     def outputs(self, stage: Stage) -> Patterns:
         """Output patterns (``{run}`` filled)."""
-        return _fill_all(stage.outputs(self.cfg), {"run": self.cfg.run})
+        return _fill_all(stage.output_patterns(self.cfg), {"run": self.cfg.run})
 
     def log(self, stage: Stage) -> str:
         """Log pattern (``{run}`` filled)."""

@@ -78,7 +78,7 @@ def rule_text(plan: Plan, stage: Stage) -> str:
     """One ``rule`` block of ``stage`` (patterns from ``plan``'s configuration, which must not change them)."""
     wildcards = {"run", *stage.wildcards}
     lines = [f"rule {stage.name}:", "    input:"]
-    for key, value in stage.inputs(plan.cfg).items():
+    for key, value in stage.input_patterns(plan.cfg).items():
         if isinstance(value, list):
             lines.append(f'        {key}=listed("{stage.name}", "{key}"),')
         elif _placeholders(value) <= wildcards:
@@ -88,7 +88,7 @@ def rule_text(plan: Plan, stage: Stage) -> str:
     lines.append(f'        code=code_of("{stage.name}"),')
     lines.append("    output:")
     reports = dict(stage.report_items)
-    for key, value in stage.outputs(plan.cfg).items():
+    for key, value in stage.output_patterns(plan.cfg).items():
         values = value if isinstance(value, list) else [value]
         extra = _placeholders(" ".join(values)) - wildcards
         if extra:

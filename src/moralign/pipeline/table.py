@@ -64,13 +64,14 @@ class Stage:
     """
 
     name: str
-    script: str
     wildcards: tuple[str, ...]
     instances: Callable[[Config], list[Instance]]
-    inputs: Callable[[Config], Patterns]
-    outputs: Callable[[Config], Patterns]
+    # path patterns by name; a function of the configuration where they list the run's cells (summaries)
+    inputs: Patterns | Callable[[Config], Patterns]
+    outputs: Patterns
     sections: tuple[str, ...]
     args: str
+    script: str = ""  # workflow/scripts/<script>.py; default: the stage's name
     folders: tuple[str, ...] = ()  # outputs that are folders
     device_section: str | None = None  # config section whose `device` decides whether the step wants a GPU
     threads_section: str | None = None  # config section whose `threads` the step sets torch to
@@ -85,7 +86,15 @@ class Stage:
     @property
     def script_path(self) -> str:
         """The step script, relative to the repository root."""
-        return f"workflow/scripts/{self.script}.py"
+        return f"workflow/scripts/{self.script or self.name}.py"
+
+    def input_patterns(self, cfg: Config) -> Patterns:
+        """The inputs' path patterns for a configuration."""
+        return self.inputs(cfg) if callable(self.inputs) else dict(self.inputs)
+
+    def output_patterns(self, cfg: Config) -> Patterns:
+        """The outputs' path patterns (the same for every configuration: the rule files show them literally)."""
+        return dict(self.outputs)
 
     def code(self) -> list[str]:
         """The script and every project module it runs, relative to the repository root."""
@@ -120,11 +129,11 @@ def _score_stage(
         script="score",
         wildcards=wildcards,
         instances=instances,
-        inputs=lambda cfg: {
+        inputs={
             "data": PROCESSED,
             "predictions": cell_path(PREDICTIONS, cell, "{seed}" if seeded else None),
         },
-        outputs=lambda cfg: {
+        outputs={
             "scores": cell_path(SCORES, cell, "{seed}" if seeded else None),
             "per_item": cell_path(ITEM_SCORES, cell, "{seed}" if seeded else None),
         },
@@ -152,8 +161,8 @@ def _extract_stage(backend: backends.Backend) -> Stage:
         wildcards=("dataset", "model", "condition"),
         # hf: base on the weights extract.quantization loads; base-4bit on the 4-bit base QLoRA recipes train on
         instances=backend_cells(backend),
-        inputs=lambda cfg: inputs,
-        outputs=lambda cfg: {"predictions": cell_path(PREDICTIONS, "{condition}")},
+        inputs=inputs,
+        outputs={"predictions": cell_path(PREDICTIONS, "{condition}")},
         folders=("predictions",),
         sections=("extract", "prompts.{dataset}", "{model_section}"),
         args=args + " --out-dir {output.predictions}",
@@ -168,22 +177,20 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="download",
         group="data",
-        script="download",
         wildcards=("archive",),
         instances=archives,
-        inputs=lambda cfg: {},
-        outputs=lambda cfg: {"archive": RAW, "sha256": f"{RAW}.sha256"},
+        inputs={},
+        outputs={"archive": RAW, "sha256": f"{RAW}.sha256"},
         sections=("data.source", "data.sha256.{archive}", "data.sample"),
         args="--archive {archive} --out {output.archive}",
     ),
     Stage(
         name="prepare",
         group="data",
-        script="prepare",
         wildcards=("dataset",),
         instances=lambda cfg: [{"dataset": d, "archive": TASKS[d].archive} for d in cfg.datasets],
-        inputs=lambda cfg: {"archive": RAW},
-        outputs=lambda cfg: {"data": PROCESSED},
+        inputs={"archive": RAW},
+        outputs={"data": PROCESSED},
         folders=("data",),
         sections=(),
         args="--dataset {dataset} --archive {input.archive} --out-dir {output.data}",
@@ -194,8 +201,8 @@ STAGES: tuple[Stage, ...] = (
         script="fetch_model",
         wildcards=("model",),
         instances=lambda cfg: [model_instance(m) for m in local_models(cfg) if "build" in cfg.model(m)],
-        inputs=lambda cfg: {"archives": [RAW.format(run="{run}", archive=a) for a in ARCHIVES]},
-        outputs=lambda cfg: {"model": BASE_MODEL},
+        inputs={"archives": [RAW.format(run="{run}", archive=a) for a in ARCHIVES]},
+        outputs={"model": BASE_MODEL},
         folders=("model",),
         sections=("{model_section}",),
         args="--model {model} --archives {input.archives} --out {output.model}",
@@ -203,11 +210,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="fetch_model",
         group="models",
-        script="fetch_model",
         wildcards=("model",),
         instances=lambda cfg: [model_instance(m) for m in local_models(cfg) if "build" not in cfg.model(m)],
-        inputs=lambda cfg: {},
-        outputs=lambda cfg: {"model": BASE_MODEL},
+        inputs={},
+        outputs={"model": BASE_MODEL},
         folders=("model",),
         sections=("{model_section}",),
         args="--model {model} --out {output.model}",
@@ -216,11 +222,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="finetune",
         group="models",
-        script="finetune",
         wildcards=("dataset", "model", "recipe", "seed"),
         instances=tuned_cells,
-        inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL},
-        outputs=lambda cfg: {"adapter": ADAPTER},
+        inputs={"data": PROCESSED, "base": BASE_MODEL},
+        outputs={"adapter": ADAPTER},
         folders=("adapter",),
         sections=(*keys_but_seeds("finetune"), "recipes.{recipe}", "prompts.{dataset}", "{model_section}"),
         args=(
@@ -233,11 +238,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="train_encoder",
         group="models",
-        script="train_encoder",
         wildcards=("dataset", "model", "seed"),
         instances=encoder_cells,
-        inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL},
-        outputs=lambda cfg: {"encoder": ENCODER},
+        inputs={"data": PROCESSED, "base": BASE_MODEL},
+        outputs={"encoder": ENCODER},
         folders=("encoder",),
         sections=(*keys_but_seeds("encoder"), "{model_section}"),
         args=(
@@ -254,8 +258,8 @@ STAGES: tuple[Stage, ...] = (
         wildcards=("dataset", "model", "recipe", "seed"),
         # on the base weights the adapter was trained on (4-bit for QLoRA: read from the adapter's metadata)
         instances=tuned_cells,
-        inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL, "adapter": ADAPTER},
-        outputs=lambda cfg: {"predictions": cell_path(PREDICTIONS, "{recipe}", "{seed}")},
+        inputs={"data": PROCESSED, "base": BASE_MODEL, "adapter": ADAPTER},
+        outputs={"predictions": cell_path(PREDICTIONS, "{recipe}", "{seed}")},
         folders=("predictions",),
         sections=("extract", "prompts.{dataset}", "{model_section}"),
         args=(
@@ -271,8 +275,8 @@ STAGES: tuple[Stage, ...] = (
         script="extract",
         wildcards=("dataset", "model", "seed"),
         instances=encoder_cells,
-        inputs=lambda cfg: {"data": PROCESSED, "base": BASE_MODEL, "encoder": ENCODER},
-        outputs=lambda cfg: {"predictions": cell_path(PREDICTIONS, CONDITION_TRAINED, "{seed}")},
+        inputs={"data": PROCESSED, "base": BASE_MODEL, "encoder": ENCODER},
+        outputs={"predictions": cell_path(PREDICTIONS, CONDITION_TRAINED, "{seed}")},
         folders=("predictions",),
         # no prompt: the encoder reads the item's text, truncated as in training (recorded in its folder)
         sections=("extract", "{model_section}"),
@@ -290,13 +294,13 @@ STAGES: tuple[Stage, ...] = (
         script="score",
         wildcards=("dataset", "model", "recipe", "seed"),
         instances=tuned_cells,
-        inputs=lambda cfg: {
+        inputs={
             "data": PROCESSED,
             "predictions": cell_path(PREDICTIONS, "{recipe}", "{seed}"),
             # the base condition on the weights the recipe trained on (base-4bit beside QLoRA)
             "baseline": cell_path(PREDICTIONS, "{baseline}"),
         },
-        outputs=lambda cfg: {
+        outputs={
             "scores": cell_path(SCORES, "{recipe}", "{seed}"),
             "per_item": cell_path(ITEM_SCORES, "{recipe}", "{seed}"),
         },
@@ -310,18 +314,16 @@ STAGES: tuple[Stage, ...] = (
     _score_stage("score_trained", ("dataset", "model", "seed"), encoder_cells, CONDITION_TRAINED),
     Stage(
         name="references",
-        script="references",
         wildcards=("dataset",),
         instances=lambda cfg: [{"dataset": d} for d in cfg.datasets],
-        inputs=lambda cfg: {"data": PROCESSED},
-        outputs=lambda cfg: {"references": REFERENCES},
+        inputs={"data": PROCESSED},
+        outputs={"references": REFERENCES},
         sections=("score", "experiment.eval_split", "extract.max_items"),
         args="--dataset {dataset} --data-dir {input.data} --out {output.references}",
     ),
     Stage(
         name="summarise",
         group="report",
-        script="summarise",
         wildcards=(),
         instances=lambda cfg: [{"reports": REPORTS.format(run=cfg.run)}],
         inputs=lambda cfg: {
@@ -330,7 +332,7 @@ STAGES: tuple[Stage, ...] = (
             "per_item": [p for d in cfg.datasets for p in run_cells(cfg, ITEM_SCORES, d)],
             "references": [REFERENCES.format(run="{run}", dataset=d) for d in cfg.datasets],
         },
-        outputs=lambda cfg: {
+        outputs={
             "csv": f"{TABLE}.csv",
             "md": f"{TABLE}.md",
             "tex": f"{TABLE}.tex",
@@ -363,7 +365,6 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="plot",
         group="report",
-        script="plot",
         wildcards=("dataset",),
         instances=lambda cfg: [
             {"dataset": d, "reports": REPORTS.format(run=cfg.run), "figures": f"{REPORTS.format(run=cfg.run)}/figures"}
@@ -375,7 +376,7 @@ STAGES: tuple[Stage, ...] = (
             "data": PROCESSED,
             "predictions": run_cells(cfg, PREDICTIONS),
         },
-        outputs=lambda cfg: {"png": figure_paths("png"), "pdf": figure_paths("pdf")},
+        outputs={"png": figure_paths("png"), "pdf": figure_paths("pdf")},
         report_items=(
             ("png", {"caption": "../report/figures.rst", "category": "Figures", "subcategory": "{dataset}"}),
         ),
