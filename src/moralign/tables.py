@@ -384,8 +384,8 @@ def tabulate(
 ) -> pd.DataFrame:
     """Write results.csv (long form), results.md, results.tex, differences.csv, metrics.json and censoring.md.
 
-    metrics.json feeds DVC; censoring.md exists when the run has API cells (their metrics under each treatment of
-    censored answers).
+    metrics.json feeds DVC; censoring.md holds the API cells' metrics under each treatment of censored answers (a
+    line saying there are none otherwise).
 
     Every row of a dataset must cover the same items (:func:`check_same_items`). A row is the mean over its seeds'
     cells (:func:`table_rows`); ``differences.csv`` holds each (condition, baseline) of ``comparisons`` per model,
@@ -408,9 +408,12 @@ def tabulate(
         for c in cells
         if c.get("censoring")
     ]
-    if censored:
-        with atomic_path(out_dir / "censoring.md") as tmp:
-            tmp.write_text(censoring.sensitivity_markdown(censored))
+    with atomic_path(out_dir / "censoring.md") as tmp:
+        tmp.write_text(
+            censoring.sensitivity_markdown(censored)
+            if censored
+            else "# Censored answers\n\nNo API rows in this run: every answer's probability is read in full.\n"
+        )
     diffs = difference_rows(cells, list(comparisons), settings)
     columns = ["dataset", "model", "condition", "baseline", "seeds", "metric", "value", "low", "high"]
     with atomic_path(out_dir / "differences.csv") as tmp:

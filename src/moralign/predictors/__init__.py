@@ -6,9 +6,10 @@ p, n_prompt_tokens``.
 Its ``provenance`` (model identity, template hash, dtype, library versions, ...) goes into every prediction file.
 
 A backend is one module of this package with a ``build(...)`` function (``hf``: local causal LMs, with or
-without a LoRA adapter; ``openai``: any OpenAI-compatible chat-completions endpoint). The extract step imports
-the backend by name, so the stage table declares each cell's backend module as that cell's code dependency
-(moralign.pipeline.table) and a new backend never touches the steps.
+without a LoRA adapter; ``openai``: any OpenAI-compatible chat-completions endpoint; ``encoder``: the Scruples
+baselines) and one entry in the backend registry (moralign.backends), which names the module. The extract step
+imports it by that name, the stage table declares it as the cell's code dependency, and a new backend never
+touches the steps (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from moralign import backends
 from moralign.config import Config
 
 
@@ -67,12 +69,7 @@ class CellInputs:
     base_quantization: str | None = None
 
 
-def backend_module(backend: str) -> str:
-    """The module that implements ``backend`` (the stage table declares it as the extract step's code)."""
-    return f"moralign.predictors.{backend}"
-
-
 def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> Predictor:
     """The predictor of one cell, from the backend its model entry names."""
-    module = importlib.import_module(backend_module(cfg.backend(model)))
+    module = importlib.import_module(backends.get(cfg.backend(model)).module)
     return module.build(cfg, model, dataset, condition, inputs)
