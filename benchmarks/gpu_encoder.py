@@ -5,12 +5,12 @@ On a GPU (the figures to report):
 On a CPU, a small shape (what the tests run):
     python benchmarks/gpu_encoder.py --tiny --steps 2 --items 32
 
-Runs moralign.encoders' own code: training steps of the anecdotes head (pairs of title and text, lognormal
-lengths, median ~380 tokens, capped at 512 as in training; batches of 32 items, micro-batches under the token
-budget; bfloat16 autocast on CUDA, float32 weights and AdamW), then inference (bfloat16 weights on CUDA) over
-2,500 anecdotes (the dev split's size) and 2,340 dilemmas (two actions each, median ~14 tokens, capped at 96).
-Prints training tokens/s, inference items/s, MFU (6·N FLOPs per trained token, 2·N per inferred token) and
-peak GPU memory.
+Runs moralign's own encoder code (moralign.encoder_model, moralign.encoder_training): training steps of the
+anecdotes head (pairs of title and text, lognormal lengths, median ~380 tokens, capped at 512 as in training;
+batches of 32 items, micro-batches under the token budget; bfloat16 autocast on CUDA, float32 weights and AdamW),
+then inference (bfloat16 weights on CUDA) over 2,500 anecdotes (the dev split's size) and 2,340 dilemmas (two
+actions each, median ~14 tokens, capped at 96). Prints training tokens/s, inference items/s, MFU (6·N FLOPs per
+trained token, 2·N per inferred token) and peak GPU memory.
 """
 
 import argparse
@@ -22,7 +22,9 @@ import torch
 from common import Timer, peak_flops
 from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification, RobertaConfig
 
-from moralign.encoders import HEAD_CHOICE, HEAD_SEQUENCE, EncoderModel, Split, Trainer, epoch_batches, pack
+from moralign.encoder_heads import HEAD_CHOICE, HEAD_SEQUENCE
+from moralign.encoder_model import EncoderModel, pack
+from moralign.encoder_training import Split, Trainer, epoch_batches
 from moralign.modeling import configure_torch
 
 # roberta-large (FacebookAI/roberta-large config.json); weights random: nothing is downloaded.

@@ -6,13 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from moralign.archives import safe_extract, sha256_file
 from moralign.data import (
     ANECDOTE_LABELS,
     DataError,
     member_name,
     prepare,
-    safe_extract,
-    sha256_file,
 )
 from moralign.sample import anecdote_record, dilemma_record, write_sample_archive
 from moralign.sources import fetch_archive

@@ -12,7 +12,7 @@ import torch
 import yaml
 from scipy import special, stats
 
-from moralign import encoders, metrics
+from moralign import encoder_heads, encoder_inputs, encoder_losses, encoder_model, encoder_training, metrics
 from moralign.config import ConfigError, load_config, validate
 from moralign.data import ANECDOTE_LABELS, counts_matrix
 from moralign.errors import DataError
@@ -60,7 +60,9 @@ def test_dirichlet_multinomial_loss_matches_scipy():
     logits = rng.normal(size=(50, 5)) * 2
     counts = rng.integers(0, 30, size=(50, 5))
     counts[counts.sum(1) == 0, 0] = 1
-    got = encoders.dirichlet_multinomial_nll(torch.tensor(logits), torch.tensor(counts, dtype=torch.float64)).numpy()
+    got = encoder_losses.dirichlet_multinomial_nll(
+        torch.tensor(logits), torch.tensor(counts, dtype=torch.float64)
+    ).numpy()
     for i in range(len(counts)):
         n = counts[i].sum()
         logpmf = stats.dirichlet_multinomial.logpmf(counts[i], np.exp(logits[i]), n)
@@ -71,43 +73,45 @@ def test_dirichlet_multinomial_loss_matches_scipy():
 
 def test_losses_reproduce_scruples_check_values():
     # allenai/scruples tests/baselines/test_loss.py (design.md §5): the model outputs log-alphas directly
-    dm = encoders.dirichlet_multinomial_nll
+    dm = encoder_losses.dirichlet_multinomial_nll
     assert float(dm(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([[0.5, 0.5]], dtype=torch.float64))) == (
         pytest.approx(0.9347116558304358, abs=1e-12)
     )
     logits = torch.tensor([[0.0, 0.0], [math.log(0.5), math.log(2.0)]], dtype=torch.float64)
     votes = torch.tensor([[0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
     assert float(dm(logits, votes).mean()) == pytest.approx(1.1093992405423625, abs=1e-12)
-    xent = encoders.soft_xentropy(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([[0.5, 0.5]]))
+    xent = encoder_losses.soft_xentropy(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([[0.5, 0.5]]))
     assert float(xent) == pytest.approx(0.6931471805599453, abs=1e-12)
 
 
 def test_soft_cross_entropy_by_hand():
     logits = [[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]
     counts = [[3, 1, 0], [0, 2, 2]]
-    got = encoders.soft_xentropy(torch.tensor(logits, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64))
+    got = encoder_losses.soft_xentropy(
+        torch.tensor(logits, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+    )
     for row, (z, y) in enumerate(zip(logits, counts, strict=True)):
         log_norm = math.log(sum(math.exp(v) for v in z))
         want = -sum(c / sum(y) * (v - log_norm) for v, c in zip(z, y, strict=True))
         assert float(got[row]) == pytest.approx(want, abs=1e-12)
-    assert encoders.xentropy(np.array(logits), np.array(counts)) == pytest.approx(float(got.mean()), abs=1e-12)
+    assert encoder_losses.xentropy(np.array(logits), np.array(counts)) == pytest.approx(float(got.mean()), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
 
 
 def test_pair_truncation_follows_scruples():
-    assert encoders.pair_room(10, 1000, 509) == (10, 499)  # a short title whole, the text cut
-    assert encoders.pair_room(1000, 5, 509) == (504, 5)
-    assert encoders.pair_room(400, 400, 509) == (254, 254)  # both long: half each (room // 2)
-    assert encoders.pair_room(3, 4, 509) == (3, 4)
+    assert encoder_inputs.pair_room(10, 1000, 509) == (10, 499)  # a short title whole, the text cut
+    assert encoder_inputs.pair_room(1000, 5, 509) == (504, 5)
+    assert encoder_inputs.pair_room(400, 400, 509) == (254, 254)  # both long: half each (room // 2)
+    assert encoder_inputs.pair_room(3, 4, 509) == (3, 4)
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_anecdote_inputs_keep_the_beginning_and_match_the_tokenizer(arch, bases, processed):
     tokenizer = load_tokenizer(str(bases[arch]))
     frame = pd.read_parquet(processed["anecdotes"] / "dev.parquet").head(5)
-    units = encoders.InputEncoder(tokenizer, "anecdotes", 512).encode(frame)
+    units = encoder_inputs.InputEncoder(tokenizer, "anecdotes", 512).encode(frame)
     for (unit,), (_, row) in zip(units, frame.iterrows(), strict=True):
         ids, types = unit
         assert ids == tokenizer(row["title"], row["text"])["input_ids"]  # no truncation: the tokenizer's own pair
@@ -115,7 +119,7 @@ def test_anecdote_inputs_keep_the_beginning_and_match_the_tokenizer(arch, bases,
             assert types == tokenizer(row["title"], row["text"], return_token_type_ids=True)["token_type_ids"]
     long = frame.head(1).copy()
     long["text"] = long["text"] + " " + " ".join(["everyone was upset about it"] * 200)
-    (((ids, _),),) = encoders.InputEncoder(tokenizer, "anecdotes", 64).encode(long)
+    (((ids, _),),) = encoder_inputs.InputEncoder(tokenizer, "anecdotes", 64).encode(long)
     title = tokenizer(long["title"].iloc[0], add_special_tokens=False)["input_ids"]
     text = tokenizer(long["text"].iloc[0], add_special_tokens=False)["input_ids"]
     specials = 3 if arch == "bert" else 4
@@ -124,7 +128,7 @@ def test_anecdote_inputs_keep_the_beginning_and_match_the_tokenizer(arch, bases,
     assert len(ids) == 64 and ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
     assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == expected.replace(" ", "")
     empty = frame.head(1).assign(text="")
-    (((ids, _),),) = encoders.InputEncoder(tokenizer, "anecdotes", 512).encode(empty)
+    (((ids, _),),) = encoder_inputs.InputEncoder(tokenizer, "anecdotes", 512).encode(empty)
     assert ids == tokenizer(empty["title"].iloc[0])["input_ids"]  # the title alone, as Scruples
 
 
@@ -132,10 +136,12 @@ def test_anecdote_inputs_keep_the_beginning_and_match_the_tokenizer(arch, bases,
 def test_dilemma_actions_are_encoded_alone(arch, bases, processed):
     tokenizer = load_tokenizer(str(bases[arch]))
     frame = pd.read_parquet(processed["dilemmas"] / "dev.parquet").head(4)
-    units = encoders.InputEncoder(tokenizer, "dilemmas", 96).encode(frame)
+    units = encoder_inputs.InputEncoder(tokenizer, "dilemmas", 96).encode(frame)
     for pair, (_, row) in zip(units, frame.iterrows(), strict=True):
         assert [ids for ids, _ in pair] == [tokenizer(row[f])["input_ids"] for f in ("action1", "action2")]
-    (((ids, _), _),) = encoders.InputEncoder(tokenizer, "dilemmas", 8).encode(frame.head(1).assign(action1="a " * 50))
+    (((ids, _), _),) = encoder_inputs.InputEncoder(tokenizer, "dilemmas", 8).encode(
+        frame.head(1).assign(action1="a " * 50)
+    )
     assert len(ids) == 8 and ids[-1] == tokenizer.sep_token_id
 
 
@@ -162,7 +168,7 @@ def test_item_text_is_never_a_control_token(arch, bases, processed):
     # the trap is real: the tokenizer's default path reads these as control tokens
     assert sep in tokenizer(frame["title"].iloc[0], add_special_tokens=False)["input_ids"]
     middle = [sep] if arch == "bert" else [sep, sep]
-    encoder = encoders.InputEncoder(tokenizer, "anecdotes", 512)
+    encoder = encoder_inputs.InputEncoder(tokenizer, "anecdotes", 512)
     units = encoder.encode(frame)  # what training (Split) and prediction (EncoderPredictor) both read
     for ((ids, types),), (_, row) in zip(units, frame.iterrows(), strict=True):
         title, text = plain_ids(tokenizer, row["title"]), plain_ids(tokenizer, row["text"])
@@ -172,10 +178,10 @@ def test_item_text_is_never_a_control_token(arch, bases, processed):
             assert types == [0] * (len(title) + 2) + [1] * (len(text) + 1)
     dilemmas = pd.read_parquet(processed["dilemmas"] / "dev.parquet").head(3)
     dilemmas = dilemmas.assign(action1=CONTROL + " " + dilemmas["action1"], action2=dilemmas["action2"] + " </s>")
-    pairs = encoders.InputEncoder(tokenizer, "dilemmas", 96).encode(dilemmas)
+    pairs = encoder_inputs.InputEncoder(tokenizer, "dilemmas", 96).encode(dilemmas)
     for pair, (_, row) in zip(pairs, dilemmas.iterrows(), strict=True):
         assert [ids for ids, _ in pair] == [[cls, *plain_ids(tokenizer, row[f]), sep] for f in ("action1", "action2")]
-    model = encoders.load_model(bases[arch], "anecdotes", torch.device("cpu"))
+    model = encoder_model.load_model(bases[arch], "anecdotes", torch.device("cpu"))
     predicted = EncoderPredictor(model, encoder, tokenizer, 4096).predict(frame)
     assert predicted["n_prompt_tokens"].tolist() == [len(u[0][0]) for u in units]
 
@@ -209,11 +215,11 @@ def test_tiny_tokenizers_are_the_same_in_every_process(raw_dir):
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_dilemma_head_scores_actions_independently(arch, bases, processed):
     torch.manual_seed(0)
-    model = encoders.load_model(bases[arch], "dilemmas", torch.device("cpu"))
+    model = encoder_model.load_model(bases[arch], "dilemmas", torch.device("cpu"))
     tokenizer = load_tokenizer(str(bases[arch]))
     frame = pd.read_parquet(processed["dilemmas"] / "dev.parquet")
     swapped = frame.assign(action1=frame["action2"], action2=frame["action1"])
-    encoder = encoders.InputEncoder(tokenizer, "dilemmas", 96)
+    encoder = encoder_inputs.InputEncoder(tokenizer, "dilemmas", 96)
     logits = model.predict(encoder.encode(frame), token_budget=256)
     logits_swapped = model.predict(encoder.encode(swapped), token_budget=256)
     assert np.array_equal(logits, logits_swapped[:, ::-1])  # exactly: each action is scored on its own
@@ -226,10 +232,10 @@ def test_dilemma_head_scores_actions_independently(arch, bases, processed):
 def test_both_anecdote_datasets_get_scruples_five_way_head(bases, processed):
     tokenizer = load_tokenizer(str(bases["bert"]))
     for dataset in ("anecdotes", "anecdotes-5way"):
-        model = encoders.load_model(bases["bert"], dataset, torch.device("cpu"))
+        model = encoder_model.load_model(bases["bert"], dataset, torch.device("cpu"))
         assert model.net.config.id2label == dict(enumerate(ANECDOTE_LABELS))
         frame = pd.read_parquet(processed[dataset] / "dev.parquet").head(7)
-        logits = model.predict(encoders.InputEncoder(tokenizer, dataset, 512).encode(frame), token_budget=512)
+        logits = model.predict(encoder_inputs.InputEncoder(tokenizer, dataset, 512).encode(frame), token_budget=512)
         assert logits.shape == (7, 5) and np.isfinite(logits).all()
 
 
@@ -239,28 +245,28 @@ def test_binary_anecdotes_collapse_the_five_way_head():
     logits = rng.normal(size=(40, 5)) * 3
     s = special.softmax(logits, axis=1)  # AUTHOR, OTHER, EVERYBODY, NOBODY, INFO
     wrong = (s[:, 0] + s[:, 2]) / (s[:, 0] + s[:, 1] + s[:, 2] + s[:, 3])
-    p = np.exp(encoders.task_log_probs(logits, "anecdotes"))
+    p = np.exp(encoder_heads.task_log_probs(logits, "anecdotes"))
     np.testing.assert_allclose(p, np.stack([wrong, 1 - wrong], axis=1), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(np.exp(encoders.task_log_probs(logits, "anecdotes-5way")), s, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(encoder_heads.task_log_probs(logits, "anecdotes-5way")), s, rtol=1e-12)
     alpha = np.exp(logits)
-    np.testing.assert_allclose(encoders.task_concentration(logits, "anecdotes"), alpha[:, :4].sum(1), rtol=1e-12)
-    np.testing.assert_allclose(encoders.task_concentration(logits, "anecdotes-5way"), alpha.sum(1), rtol=1e-12)
+    np.testing.assert_allclose(encoder_heads.task_concentration(logits, "anecdotes"), alpha[:, :4].sum(1), rtol=1e-12)
+    np.testing.assert_allclose(encoder_heads.task_concentration(logits, "anecdotes-5way"), alpha.sum(1), rtol=1e-12)
     # the binary row's α (Σα · p) is the five-way α summed as the binarisation sums the votes
-    own = encoders.task_concentration(logits, "anecdotes")[:, None] * p
+    own = encoder_heads.task_concentration(logits, "anecdotes")[:, None] * p
     np.testing.assert_allclose(own, np.stack([alpha[:, 0] + alpha[:, 2], alpha[:, 1] + alpha[:, 3]], 1), rtol=1e-12)
 
 
 def test_the_anecdotes_head_trains_on_the_five_way_votes(processed):
     binary = pd.read_parquet(processed["anecdotes"] / "train.parquet")
     five = pd.read_parquet(processed["anecdotes-5way"] / "train.parquet").set_index("id")
-    got = encoders.head_counts(binary, "anecdotes")
+    got = encoder_heads.head_counts(binary, "anecdotes")
     want = np.stack(five.loc[binary["id"], "counts"].to_numpy())
     assert got.shape == (len(binary), 5) and np.array_equal(got, want)
     # the same votes the binary counts were made from
     assert np.array_equal(got[:, [0, 2]].sum(1), counts_matrix(binary)[:, 0])
     assert np.array_equal(got[:, [1, 3]].sum(1), counts_matrix(binary)[:, 1])
     with pytest.raises(DataError, match=r"no column 'label_counts'.*run prepare again"):
-        encoders.head_counts(binary.drop(columns="label_counts"), "anecdotes")
+        encoder_heads.head_counts(binary.drop(columns="label_counts"), "anecdotes")
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -269,21 +275,21 @@ def test_the_anecdotes_head_trains_on_the_five_way_votes(processed):
 def test_batches_are_length_sorted_pools_and_fit_the_budget():
     rng = np.random.default_rng(1)
     lengths = rng.integers(5, 500, size=1000).tolist()
-    batches = encoders.epoch_batches(lengths, 16, seed=0, epoch=3)
+    batches = encoder_training.epoch_batches(lengths, 16, seed=0, epoch=3)
     assert sorted(i for b in batches for i in b) == list(range(1000)) and len(batches) == math.ceil(1000 / 16)
-    assert batches == encoders.epoch_batches(lengths, 16, seed=0, epoch=3)  # a function of (seed, epoch) only
-    assert batches != encoders.epoch_batches(lengths, 16, seed=0, epoch=4)
+    assert batches == encoder_training.epoch_batches(lengths, 16, seed=0, epoch=3)  # a function of (seed, epoch) only
+    assert batches != encoder_training.epoch_batches(lengths, 16, seed=0, epoch=4)
     spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
     assert spread < 0.2 * (max(lengths) - min(lengths))  # little padding inside a batch
     widths = [2] * 1000
-    for group in encoders.pack(lengths, widths, 2000):
+    for group in encoder_model.pack(lengths, widths, 2000):
         longest = max(lengths[i] for i in group)
         assert len(group) == 1 or 2 * len(group) * longest <= 2000
 
 
 def test_no_weight_decay_on_biases_and_layer_norms(bases):
-    model = encoders.load_model(bases["roberta"], "anecdotes", torch.device("cpu"))
-    exempt, decayed = encoders.parameter_groups(model.net, 0.01)
+    model = encoder_model.load_model(bases["roberta"], "anecdotes", torch.device("cpu"))
+    exempt, decayed = encoder_training.parameter_groups(model.net, 0.01)
     names = {id(p): n for n, p in model.net.named_parameters()}
     assert exempt["weight_decay"] == 0 and decayed["weight_decay"] == 0.01
     assert all(names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] for p in exempt["params"])
@@ -293,23 +299,25 @@ def test_no_weight_decay_on_biases_and_layer_norms(bases):
 
 
 def test_linear_warmup_then_decay():
-    factor = encoders.linear_schedule(10, 110)
+    factor = encoder_training.linear_schedule(10, 110)
     assert [factor(s) for s in (0, 5, 10, 60, 110, 120)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("loss", encoders.LOSSES)
+@pytest.mark.parametrize("loss", encoder_losses.LOSSES)
 def test_a_step_does_not_depend_on_the_micro_batches(loss, bases, processed, tmp_path):
     """Gradient accumulation under a token budget gives the gradient of the whole batch."""
     tokenizer = load_tokenizer(str(bases["bert"]))
     frame = pd.read_parquet(processed["dilemmas"] / "train.parquet").head(24)
-    split = encoders.Split(encoders.InputEncoder(tokenizer, "dilemmas", 96).encode(frame), counts_matrix(frame))
+    split = encoder_training.Split(
+        encoder_inputs.InputEncoder(tokenizer, "dilemmas", 96).encode(frame), counts_matrix(frame)
+    )
     settings = {"loss": loss, "learning_rate": 1.0, "weight_decay": 0.0, "warmup_proportion": 0.0}
     weights = []
     for budget in (64, 100_000):
         torch.manual_seed(0)
-        model = encoders.load_model(bases["bert"], "dilemmas", torch.device("cpu"))
+        model = encoder_model.load_model(bases["bert"], "dilemmas", torch.device("cpu"))
         model.net.eval()  # no dropout: the two runs differ only in how the batch is split
-        trainer = encoders.Trainer(model, {**settings, "token_budget": budget}, tmp_path, "test")
+        trainer = encoder_training.Trainer(model, {**settings, "token_budget": budget}, tmp_path, "test")
         # plain SGD with lr 1: the update is the gradient itself (AdamW would amplify float noise in the gradient
         # of the choice head's bias, which is exactly 0 in theory: a softmax ignores a shift of both scores)
         trainer.optimizer = torch.optim.SGD(model.net.parameters(), lr=1.0)
@@ -325,57 +333,57 @@ def test_calibrated_xentropy_against_a_grid_search():
     counts[counts.sum(1) == 0, 1] = 1
     h = counts / counts.sum(1, keepdims=True)
     logits = 4 * np.log(h + 0.1) + rng.normal(size=(30, 5))  # informative and over-confident: T inside (1, e^3)
-    value, temperature = encoders.calibrated_xentropy(logits, counts)
+    value, temperature = encoder_losses.calibrated_xentropy(logits, counts)
     grid = np.exp(np.linspace(-3, 3, 60001))
     scaled = logits[None] / grid[:, None, None]
     curve = -(h * special.log_softmax(scaled, axis=-1)).sum(-1).mean(-1)
     assert value == pytest.approx(curve.min(), abs=1e-7)
     assert temperature == pytest.approx(grid[curve.argmin()], rel=1e-3)
-    assert 1.5 < temperature < 20 and value < encoders.xentropy(logits, counts)
+    assert 1.5 < temperature < 20 and value < encoder_losses.xentropy(logits, counts)
 
 
 def test_the_epoch_kept_is_the_best_calibrated_one(bases, processed, tmp_path, monkeypatch):
     """Scruples' criterion: an over-confident epoch that ranks the items right beats a timid one that does not,
     although its raw xentropy is far worse."""
     tokenizer = load_tokenizer(str(bases["bert"]))
-    encoder = encoders.InputEncoder(tokenizer, "dilemmas", 32)
+    encoder = encoder_inputs.InputEncoder(tokenizer, "dilemmas", 32)
     frames = {s: pd.read_parquet(processed["dilemmas"] / f"{s}.parquet").head(16) for s in ("train", "dev")}
-    train, dev = (encoders.Split(encoder.encode(f), counts_matrix(f)) for f in frames.values())
+    train, dev = (encoder_training.Split(encoder.encode(f), counts_matrix(f)) for f in frames.values())
     h = dev.counts / dev.counts.sum(1, keepdims=True)
     rng = np.random.default_rng(0)
     timid = 0.01 * rng.normal(size=h.shape)  # about uniform, and its ranking is noise
     sure = 20 * np.log(np.clip(h, 0.05, 0.95))  # the right ranking, far too sharp
     scripted = iter([timid, sure])
-    model = encoders.load_model(bases["bert"], "dilemmas", torch.device("cpu"))
+    model = encoder_model.load_model(bases["bert"], "dilemmas", torch.device("cpu"))
     monkeypatch.setattr(model, "predict", lambda items, budget: next(scripted))
     settings = {**validate(small_config(epochs=2))["encoder"], "checkpoint_steps": 0}
-    result = encoders.Trainer(model, settings, tmp_path / "ck", "test").train(train, dev)
+    result = encoder_training.Trainer(model, settings, tmp_path / "ck", "test").train(train, dev)
     first, second = result["history"]
     assert first["dev_xentropy"] < second["dev_xentropy"]  # raw xentropy would keep epoch 1
     assert second["dev_calibrated_xentropy"] < first["dev_calibrated_xentropy"]
     assert result["best_epoch"] == 2 and result["selection"] == "dev_calibrated_xentropy"
     assert result["best_dev_calibrated_xentropy"] == second["dev_calibrated_xentropy"]
-    calibrated = encoders.calibrated_xentropy(sure, dev.counts)
+    calibrated = encoder_losses.calibrated_xentropy(sure, dev.counts)
     assert (second["dev_calibrated_xentropy"], second["dev_temperature"]) == calibrated
 
 
 def test_prediction_autocast_follows_training():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert encoders.prediction_autocast(True, cuda) is True  # as training evaluated dev
-    assert encoders.prediction_autocast(False, cuda) is False  # trained in float32: predicted in float32
-    assert encoders.prediction_autocast(True, cpu) is False  # bfloat16 autocast is CUDA's: float32 here
+    assert encoder_model.prediction_autocast(True, cuda) is True  # as training evaluated dev
+    assert encoder_model.prediction_autocast(False, cuda) is False  # trained in float32: predicted in float32
+    assert encoder_model.prediction_autocast(True, cpu) is False  # bfloat16 autocast is CUDA's: float32 here
 
 
 def test_dirichlet_with_the_models_own_concentration_reproduces_scruples_check_values():
     """The score of a Dirichlet-multinomial model (α = Σα · p) equals its training loss: Scruples' check values."""
     logits = np.array([[0.0, 0.0], [math.log(0.5), math.log(2.0)]])  # Scruples' log-alphas
     votes = np.array([[0.3, 0.7], [0.6, 0.4]])
-    logp = encoders.task_log_probs(logits, "dilemmas")
-    own = encoders.task_concentration(logits, "dilemmas")
+    logp = encoder_heads.task_log_probs(logits, "dilemmas")
+    own = encoder_heads.task_concentration(logits, "dilemmas")
     np.testing.assert_allclose(own, [2.0, 2.5], rtol=1e-12)
     items = metrics.per_item_metrics(votes, logp, np.ones(2), 1.0, 1.0, own_concentration=own)
     assert items["dirichlet"].mean() == pytest.approx(1.1093992405423625, abs=1e-12)
-    loss = encoders.dirichlet_multinomial_nll(torch.tensor(logits), torch.tensor(votes)).numpy()
+    loss = encoder_losses.dirichlet_multinomial_nll(torch.tensor(logits), torch.tensor(votes)).numpy()
     np.testing.assert_allclose(items["dirichlet"], loss, rtol=1e-12)
     half = np.array([[0.5, 0.5]])
     one = metrics.per_item_metrics(half, np.log(half), np.ones(1), 1.0, 1.0, own_concentration=np.array([2.0]))
@@ -424,7 +432,7 @@ def test_train_then_extract_then_score(arch, dataset, bases, processed, tmp_path
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["best_epoch"] in (1, 2) and len(meta["history"]) == 2 and meta["resumed_from"] is None
     assert meta["head"] == ("choice" if dataset == "dilemmas" else "sequence")
-    assert meta["head_labels"] == list(encoders.head_labels(dataset))
+    assert meta["head_labels"] == list(encoder_heads.head_labels(dataset))
     calibrated = [h["dev_calibrated_xentropy"] for h in meta["history"]]
     assert meta["best_epoch"] == 1 + int(np.argmin(calibrated)) and meta["selection"] == "dev_calibrated_xentropy"
     assert not out.with_name("encoder.checkpoints").exists()
@@ -442,7 +450,7 @@ def test_train_then_extract_then_score(arch, dataset, bases, processed, tmp_path
     if dataset == "dilemmas":  # the head is the task: the dev predictions are the selected epoch's, same numbers
         dev_logp = np.log(np.stack(pd.read_parquet(pred / "dev.parquet")["p"].to_numpy()))
         dev_counts = counts_matrix(pd.read_parquet(data / "dev.parquet"))
-        assert encoders.xentropy(dev_logp, dev_counts) == pytest.approx(meta["best_dev_xentropy"], abs=1e-5)
+        assert encoder_losses.xentropy(dev_logp, dev_counts) == pytest.approx(meta["best_dev_xentropy"], abs=1e-5)
     result, _ = score_cell(pred, data, "test", cfg["score"])
     assert result["metrics"]["coverage"]["value"] == 1.0
     assert result["dirichlet_alpha"] == "c=1"
@@ -510,9 +518,9 @@ def test_trained_folder_is_checked_against_its_base(bases, processed, tmp_path):
     out = tmp_path / "bert"
     train_encoder.run(cfg, "tiny-bert", "dilemmas", processed["dilemmas"], bases["bert"], out)
     with pytest.raises(DataError, match="pass the base model it was trained from"):
-        encoders.check_trained(out, bases["roberta"], "dilemmas")
+        encoder_model.check_trained(out, bases["roberta"], "dilemmas")
     with pytest.raises(DataError, match="trained on 'dilemmas', not 'anecdotes'"):
-        encoders.check_trained(out, bases["bert"], "anecdotes")
+        encoder_model.check_trained(out, bases["bert"], "anecdotes")
 
 
 def test_encoder_benchmark_runs_on_cpu():
@@ -571,11 +579,11 @@ def test_trained_encoders_beat_the_train_prior_on_every_dataset(bases, processed
             train_encoder.run(cfg, model, trained_on, processed[trained_on], bases[arch], out)
             meta = json.loads((out / "metadata.json").read_text())
             tokenizer = load_tokenizer(str(out))
-            net = encoders.load_model(out, trained_on, torch.device("cpu"))
+            net = encoder_model.load_model(out, trained_on, torch.device("cpu"))
             for dataset in scored:
                 test = pd.read_parquet(processed[dataset] / "test.parquet")
-                units = encoders.InputEncoder(tokenizer, dataset, meta["max_length"]).encode(test)
-                logp = encoders.task_log_probs(net.predict(units, 4096), dataset)
+                units = encoder_inputs.InputEncoder(tokenizer, dataset, meta["max_length"]).encode(test)
+                logp = encoder_heads.task_log_probs(net.predict(units, 4096), dataset)
                 counts = counts_matrix(test)
                 h = counts / counts.sum(1, keepdims=True)
                 prior = mean_distribution(counts_matrix(pd.read_parquet(processed[dataset] / "train.parquet")))

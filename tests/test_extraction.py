@@ -8,7 +8,8 @@ import torch
 from moralign import extraction as ex
 from moralign.data import TASKS
 from moralign.modeling import load_model, load_tokenizer
-from moralign.prompts import TRUNCATION_MARK, PromptBuilder, encode_text, fold_system, select_shots
+from moralign.plain_text import encode_text
+from moralign.prompts import TRUNCATION_MARK, PromptBuilder, fold_system, select_shots
 
 SPEC = {
     "system": "Judge like a typical reader.",

@@ -15,13 +15,14 @@ import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
 from moralign import extraction as ex
-from moralign import prompts, training
+from moralign import plain_text, training
 from moralign.config import validate
 from moralign.data import TASKS, counts_matrix
 from moralign.modeling import load_model, load_tokenizer
+from moralign.plain_text import encode_text
 from moralign.predictors import CellInputs
 from moralign.predictors import hf as hf_predictor
-from moralign.prompts import PromptBuilder, encode_text, select_shots
+from moralign.prompts import PromptBuilder, select_shots
 from tests.test_extraction import naive_sequence
 from tests.test_training import demo_config, model_dir
 
@@ -203,17 +204,17 @@ def test_a_template_that_rewrites_special_strings_is_an_error(tiny):
 def test_a_copy_that_does_not_reproduce_the_tokenizer_is_refused(tiny):
     _, tok = tiny
     text = f"Some Text {tok.eos_token} More"
-    plain = prompts.special_spans(tok, text)
+    plain = plain_text.special_spans(tok, text)
     good = encode_text(tok, text, plain)
-    known = prompts._COPIES[tok]
+    known = plain_text._COPIES[tok]
     broken = copy.deepcopy(known[1])
     broken.normalizer = normalizers.Lowercase()
-    prompts._COPIES[tok] = (known[0], broken)
+    plain_text._COPIES[tok] = (known[0], broken)
     try:
         with pytest.raises(ValueError, match="cannot tokenize 'Some Text"):
             encode_text(tok, text, plain)
     finally:
-        prompts._COPIES[tok] = known
+        plain_text._COPIES[tok] = known
     assert encode_text(tok, text, plain) == good
 
 

@@ -33,7 +33,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralCo
 from moralign import extraction as ex
 from moralign import training
 from moralign.data import TASKS
-from moralign.prompts import TEMPLATE_KWARGS, PromptBuilder, encode_text, select_shots
+from moralign.plain_text import encode_text
+from moralign.prompts import TEMPLATE_KWARGS, PromptBuilder, select_shots
 from moralign.tinymodels import published_template
 from tests.test_extraction import naive_logp, naive_sequence
 

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moralign.io import read_provenance, write_parquet
-from moralign.prompts import Spans, encode_text, special_spans
+from moralign.plain_text import Spans, encode_text, special_spans
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def answer_variants(tokenizer: Any, answers: Sequence[str]) -> AnswerTokens:
 def continuation(tokenizer: Any, prompt: str, answer: str, plain: Spans = ()) -> tuple[list[int], list[int]]:
     """Context and continuation ids of ``prompt + answer`` tokenized jointly (merges at the boundary kept).
 
-    Both are encoded like every prompt (``moralign.prompts.encode_text``: one BOS where the tokenizer adds one;
+    Both are encoded like every prompt (``moralign.plain_text.encode_text``: one BOS where the tokenizer adds one;
     ``plain``, the prompt's ``EncodedPrompt.plain``, and the answer, message text too, tokenized as plain text).
     """
     whole = encode_text(tokenizer, prompt + answer, plain + special_spans(tokenizer, answer, len(prompt)))

@@ -21,22 +21,18 @@ recipes call it, so a model is trained on exactly the ids it is scored on. Its c
   accumulate; the mark tells the model the text was cut.
 * Message text is plain text: a special token's string inside a message (an anecdote quoting ``</s>``,
   ``<|eot_id|>`` or ``[INST]``; likewise in shots, system text and answers) is tokenized as the characters it is,
-  as the vendors' encoders (mistral-common, llama-models) encode message content, so no post can close its turn
-  or open a new one. Only the markup the chat template writes becomes special tokens. Raw text has no markup: all
-  of it is plain. Text without a special token's string is tokenized exactly as before (one plain call).
+  so no post can close its turn or open a new one. Only the markup the chat template writes becomes special
+  tokens. Raw text has no markup: all of it is plain. The tokenization that keeps it so is
+  :mod:`moralign.plain_text`.
 * Dates: Llama 3.x templates print a "Today Date" line; ``date_string`` is pinned (``TEMPLATE_KWARGS``), so a
   prompt never changes with the calendar (Llama 3.2's template would otherwise fill in today's date).
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import re
 import string
-import weakref
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import jinja2
@@ -45,6 +41,16 @@ import pandas as pd
 
 from moralign.config import Config, digest
 from moralign.data import TASKS, Task
+from moralign.plain_text import (
+    Spans,
+    adds_bos,
+    encode_text,
+    encode_without_bos,
+    mark_specials,
+    special_spans,
+    specials_pattern,
+    unmark_specials,
+)
 
 # The default raw-text answer cue (``prompts.<dataset>.answer_prefix``); the answer follows after one space.
 RAW_ANSWER_PREFIX = "Answer:"
@@ -53,14 +59,6 @@ RAW_ANSWER_PREFIX = "Answer:"
 TEMPLATE_KWARGS: dict[str, str] = {"date_string": "26 Jul 2024"}
 # Appended to an item field that was cut to fit ``max_length``.
 TRUNCATION_MARK = " [...]"
-# Wrapped around a special token's string inside message text while the chat template renders, so its place in
-# the rendered text is known (private-use code points: no template, tokenizer or Scruples text uses them).
-MARK_OPEN, MARK_CLOSE = "\U000f0000", "\U000f0001"
-# The token a copy of the tokenizer puts before a piece of text to encode it as the middle of a longer text
-# (``_plain_stretch``); a SentencePiece-style tokenizer adds its prefix space only at the start of the text.
-CONTEXT_TOKEN = "\U000f0002moralign-context\U000f0002"
-
-Spans = tuple[tuple[int, int], ...]
 
 
 def select_shots(train: pd.DataFrame, n_shots: int, seed: int) -> pd.DataFrame:
@@ -72,122 +70,6 @@ def select_shots(train: pd.DataFrame, n_shots: int, seed: int) -> pd.DataFrame:
         raise ValueError(f"train has only {len(pool)} untied items; cannot draw {n_shots} shots")
     order = np.random.default_rng(seed).permutation(len(pool))[: n_shots + 1]
     return pool.iloc[order].reset_index(drop=True)
-
-
-def adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer starts an encoding with its BOS token by default (``add_bos_token`` or post-processor)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
-
-
-def special_spans(tokenizer: Any, text: str, offset: int = 0) -> Spans:
-    """Where ``text`` holds the string of one of the tokenizer's special tokens (shifted by ``offset``)."""
-    pattern = _specials(tokenizer)
-    return tuple((m.start() + offset, m.end() + offset) for m in pattern.finditer(text)) if pattern else ()
-
-
-def _specials(tokenizer: Any) -> re.Pattern | None:
-    """A pattern that finds the strings of the tokenizer's special tokens (None: it has none)."""
-    return _special_pattern(tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special))
-
-
-@lru_cache(maxsize=32)
-def _special_pattern(strings: tuple[str, ...]) -> re.Pattern | None:
-    # longest first, so a special string that contains another is found whole
-    return re.compile("|".join(map(re.escape, sorted(strings, key=len, reverse=True)))) if strings else None
-
-
-def encode_text(tokenizer: Any, text: str, plain: Spans = ()) -> list[int]:
-    """Token ids of rendered text: special tokens in it parsed, nothing appended, exactly one BOS when due.
-
-    ``plain``: character spans of message text that hold a special token's string (``special_spans``); no special
-    token is read there: that text is tokenized as plain text, together with the text around it up to the nearest
-    special tokens outside those spans (the markup), as a vendor's encoder tokenizes a message's content.
-    """
-    ids = _tokens(tokenizer, text, plain)
-    if not adds_bos(tokenizer):
-        return ids
-    bos, k = tokenizer.bos_token_id, 0
-    while k < len(ids) and ids[k] == bos:
-        k += 1
-    return [bos, *ids[k:]]
-
-
-def _tokens(tokenizer: Any, text: str, plain: Spans) -> list[int]:
-    """``encode_text`` without the BOS rule."""
-    return _encode_plain(tokenizer, text, plain) if plain else tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _encode_plain(tokenizer: Any, text: str, plain: Spans) -> list[int]:
-    """``text`` tokenized with no special token read inside ``plain``; as one plain call where none is read there.
-
-    The special tokens the tokenizer reads outside ``plain`` stay; each stretch of text between two of them that
-    had a special token read inside ``plain`` is tokenized again with special tokens off (``_plain_stretch``), whole,
-    as a vendor encodes a message. (transformers' ``apply_chat_template(sanitize_control_tokens=True)`` encodes each
-    such string apart from the text around it: Mistral's "a </s>" becomes "▁a", "▁", "</", ... where mistral-common
-    gives "▁a", "▁</", ...; so it is not used.)
-    """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"text holding special tokens' strings ({[text[a:b] for a, b in plain][:3]}) needs a fast tokenizer to "
-            f"be tokenized as plain text; {type(tokenizer).__name__} is not one"
-        )
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    # a special token read where message text holds a special token's string: it must be plain text there
-    inside = [i in special and any(a < e and s < b for a, b in plain) for i, (s, e) in zip(ids, offsets, strict=True)]
-    if not any(inside):
-        return ids
-    markup = [k for k, i in enumerate(ids) if i in special and not inside[k]] + [len(ids)]
-    out: list[int] = []
-    first, start = 0, 0  # the stretch's first token and first character
-    for k in markup:
-        end = offsets[k][0] if k < len(ids) else len(text)
-        stretch = ids[first:k]
-        out += _plain_stretch(tokenizer, text, start, end, stretch) if any(inside[first:k]) else stretch
-        if k < len(ids):
-            out.append(ids[k])
-            first, start = k + 1, offsets[k][1]
-    return out
-
-
-# A tokenizer's copy with CONTEXT_TOKEN added, per tokenizer (dropped with it); rebuilt if its vocabulary grows.
-_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _plain_stretch(tokenizer: Any, text: str, start: int, end: int, expected: list[int]) -> list[int]:
-    """``text[start:end]`` (a stretch between two markup tokens) tokenized with special tokens off, in place.
-
-    In place: after the markup token before it, if any. The tokenizers library tokenizes the text between special
-    tokens piece by piece, and knows whether a piece starts the text (where a SentencePiece-style tokenizer adds its
-    prefix space, and nowhere else); the copy tokenizes CONTEXT_TOKEN + the stretch to keep that. ``expected``, the
-    stretch's ids as the tokenizer gave them in the whole text (special tokens on), must be what the copy gives
-    with special tokens on; otherwise the copy does not reproduce the tokenizer, and that is an error.
-    """
-    known = _COPIES.get(tokenizer)
-    if known is None or known[0] != len(tokenizer):
-        from tokenizers import AddedToken
-
-        backend = copy.deepcopy(tokenizer.backend_tokenizer)
-        backend.add_tokens([AddedToken(CONTEXT_TOKEN, special=False, normalized=False)])
-        known = (len(tokenizer), backend)
-        _COPIES[tokenizer] = known
-    backend = known[1]
-    piece, skip = (CONTEXT_TOKEN + text[start:end], 1) if start else (text[start:end], 0)
-    encoded = {}
-    for plain in (False, True):  # special tokens read (as the tokenizer does), then not
-        backend.encode_special_tokens = plain
-        encoded[plain] = backend.encode(piece, add_special_tokens=False).ids[skip:]
-    if encoded[False] != expected:
-        raise ValueError(
-            f"cannot tokenize {text[start:end][:80]!r} as plain text: a copy of the tokenizer, asked to tokenize it "
-            "as the tokenizer does, gives other ids"
-        )
-    return encoded[True]
 
 
 def field_text(value: Any) -> str:
@@ -306,12 +188,12 @@ class PromptBuilder:
     ) -> Rendered:
         """:meth:`render`, with the spans where message text holds special tokens' strings (to be tokenized plain).
 
-        Chat: those strings are found in the messages and marked (``MARK_OPEN``/``MARK_CLOSE``) while the template
-        renders, so a template that trims or moves message text (Llama's trims it; Mistral's moves the system text
-        into the last user turn) still tells where they land. The marked rendering, marks removed, must equal the
-        plain one; a template that changes such text is an error naming the item.
+        Chat: those strings are found in the messages and marked (:func:`moralign.plain_text.mark_specials`) while
+        the template renders, so a template that trims or moves message text (Llama's trims it; Mistral's moves the
+        system text into the last user turn) still tells where they land. The marked rendering, marks removed, must
+        equal the plain one; a template that changes such text is an error naming the item.
         """
-        pattern = _specials(tokenizer) if tokenizer is not None else None
+        pattern = specials_pattern(tokenizer) if tokenizer is not None else None
         if not self.chat:
             prefix = self.answer_prefix
             cue = (lambda text: f"{text}\n{prefix}") if prefix else (lambda text: text)
@@ -329,22 +211,15 @@ class PromptBuilder:
         text = self._apply_template(tokenizer, row, msgs, answer is None)
         if pattern is None or not any(pattern.search(m["content"]) for m in msgs):
             return Rendered(text)
-        marked = [{**m, "content": pattern.sub(f"{MARK_OPEN}\\g<0>{MARK_CLOSE}", m["content"])} for m in msgs]
-        marked_text = self._apply_template(tokenizer, row, marked, answer is None)
-        unmarked, plain, pos = "", [], 0
-        for m in re.finditer(f"{MARK_OPEN}(.*?){MARK_CLOSE}", marked_text, flags=re.DOTALL):
-            unmarked += marked_text[pos : m.start()]
-            plain.append((len(unmarked), len(unmarked) + len(m.group(1))))
-            unmarked += m.group(1)
-            pos = m.end()
-        unmarked += marked_text[pos:]
+        marked = [{**m, "content": mark_specials(pattern, m["content"])} for m in msgs]
+        unmarked, plain = unmark_specials(self._apply_template(tokenizer, row, marked, answer is None))
         if unmarked != text:
             found = sorted({m.group(0) for msg in msgs for m in pattern.finditer(msg["content"])})
             raise ValueError(
                 f"item {row['id']}: its messages hold special tokens' strings {found}, and the chat template writes "
                 "them differently once they are marked, so they cannot be told apart from the template's markup"
             )
-        return Rendered(text, tuple(plain))
+        return Rendered(text, plain)
 
     def _apply_template(
         self, tokenizer: Any, row: dict[str, Any] | pd.Series, msgs: list[dict[str, str]], prompt: bool
@@ -413,7 +288,10 @@ class PromptBuilder:
         ids = encode_text(tokenizer, prompt.text, prompt.plain)
         if max_length is None or len(ids) <= max_length:
             return EncodedPrompt(ids, prompt.text, False, fields, prompt.plain)
-        pieces = {f: _tokens(tokenizer, fields[f], special_spans(tokenizer, fields[f])) for f in self.template_fields}
+        pieces = {
+            f: encode_without_bos(tokenizer, fields[f], special_spans(tokenizer, fields[f]))
+            for f in self.template_fields
+        }
         mark = len(tokenizer(TRUNCATION_MARK, add_special_tokens=False)["input_ids"])
         cap = max((len(p) for p in pieces.values()), default=0)
         while cap > 0:

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from moralign.data import ANECDOTE_LABELS, member_name, reproducible_tar
+from moralign.archives import reproducible_tar
+from moralign.data import ANECDOTE_LABELS, member_name
 
 # (phrase, wrongness): positive = the narrator is in the wrong.
 ACTIONS: tuple[tuple[str, float], ...] = (

@@ -38,8 +38,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from moralign.archives import reproducible_tar, sha256_file
 from moralign.config import ENCODER_ARCHITECTURES, ConfigError
-from moralign.data import SPLITS, reproducible_tar, sha256_file
+from moralign.data import SPLITS
 from moralign.errors import DataError
 from moralign.io import atomic_dir, atomic_path, write_json
 from moralign.modelfiles import MODEL_FILES, SOURCE_FILE, check_model_folder, fingerprint_files

@@ -5,7 +5,7 @@ The demo and the tests cannot download bert-large-uncased or roberta-large. They
 and a tokenizer of the real family's kind trained on the TRAIN text of the sample archives only (dev and test text
 never shapes the vocabulary): lower-cased WordPiece with ``[CLS] A [SEP] B [SEP]`` for BERT, byte-level BPE with
 ``<s> A </s></s> B </s>`` for RoBERTa. Both are saved with ``save_pretrained`` and loaded back by the same
-``from_pretrained`` code as the real models (:mod:`moralign.encoders`), which adds the task's head.
+``from_pretrained`` code as the real models (:mod:`moralign.encoder_model`), which adds the task's head.
 """
 
 from __future__ import annotations

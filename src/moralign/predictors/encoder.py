@@ -1,13 +1,13 @@
 """Fine-tuned encoders (BERT, RoBERTa) trained by ``train_encoder``: the head's softmax is the distribution.
 
 ``logp_choice`` = log_softmax of the head's logits (Scruples' five-way anecdote head collapsed to WRONG / RIGHT
-for ``anecdotes``: :func:`moralign.encoders.task_log_probs`), so ``coverage`` is 1: an encoder head has no
+for ``anecdotes``: :func:`moralign.encoder_heads.task_log_probs`), so ``coverage`` is 1: an encoder head has no
 other answers. A model trained with the Dirichlet-multinomial loss also writes ``concentration`` (Σα, α =
 exp(logits), over the task's choices), which the score's ``dirichlet`` uses as the model's own α = Σα · p.
-Inputs are encoded exactly as in training (moralign.encoders: the truncation length recorded in the trained
+Inputs are encoded exactly as in training (moralign.encoder_inputs: the truncation length recorded in the trained
 folder's metadata). Batches are length-sorted under ``extract.token_budget``. The model runs at the precision its
 epoch was selected with: float32 weights, with bfloat16 autocast on CUDA where training used it
-(:func:`moralign.encoders.prediction_autocast`); ``extract.dtype`` (the causal LMs' weight dtype) does not apply.
+(:func:`moralign.encoder_model.prediction_autocast`); ``extract.dtype`` (the causal LMs' weight dtype) does not apply.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moralign import encoders
 from moralign.config import CONDITION_TRAINED, Config, ConfigError
+from moralign.encoder_heads import task_concentration, task_log_probs
+from moralign.encoder_inputs import InputEncoder
+from moralign.encoder_model import EncoderModel, check_trained, load_model, prediction_autocast
 from moralign.errors import DataError
 from moralign.io import environment
 from moralign.predictors import CellInputs, Predictor
@@ -33,8 +35,8 @@ class EncoderPredictor(Predictor):
 
     def __init__(
         self,
-        model: encoders.EncoderModel,
-        encoder: encoders.InputEncoder,
+        model: EncoderModel,
+        encoder: InputEncoder,
         tokenizer: Any,
         token_budget: int,
         concentration: bool = False,
@@ -52,7 +54,7 @@ class EncoderPredictor(Predictor):
         """See :meth:`Predictor.predict`."""
         units = self.encoder.encode(items)
         logits = self.model.predict(units, self.token_budget)
-        logp = encoders.task_log_probs(logits, self.encoder.dataset)
+        logp = task_log_probs(logits, self.encoder.dataset)
         frame = pd.DataFrame(
             {
                 "id": list(items["id"]),
@@ -63,7 +65,7 @@ class EncoderPredictor(Predictor):
             }
         )
         if self.concentration:
-            frame[CONCENTRATION] = encoders.task_concentration(logits, self.encoder.dataset)
+            frame[CONCENTRATION] = task_concentration(logits, self.encoder.dataset)
         return frame
 
     def examples(self, items: pd.DataFrame) -> str:
@@ -86,17 +88,17 @@ def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInp
         raise ConfigError(f"{model}: an encoder model has only the condition {CONDITION_TRAINED!r}, not {condition!r}")
     if inputs.adapter_dir is None or inputs.base_dir is None:
         raise DataError(f"{model}: an encoder cell needs its base model (--base) and trained encoder (--adapter)")
-    meta = encoders.check_trained(inputs.adapter_dir, inputs.base_dir, dataset)
+    meta = check_trained(inputs.adapter_dir, inputs.base_dir, dataset)
     settings = cfg["extract"]
     device = resolve_device(settings["device"])
     runtime = configure_torch(settings["threads"], device)
     trained_autocast = bool(meta["runtime"].get("bf16_autocast"))
-    autocast = encoders.prediction_autocast(trained_autocast, device)
+    autocast = prediction_autocast(trained_autocast, device)
     if trained_autocast and not autocast:
         log.info("%s: trained with bfloat16 autocast on CUDA, predicted on %s in float32", model, device.type)
     tokenizer = load_tokenizer(str(inputs.adapter_dir))
-    net = encoders.load_model(inputs.adapter_dir, dataset, device, torch.float32, autocast)
-    encoder = encoders.InputEncoder(tokenizer, dataset, meta["max_length"])
+    net = load_model(inputs.adapter_dir, dataset, device, torch.float32, autocast)
+    encoder = InputEncoder(tokenizer, dataset, meta["max_length"])
     loss = meta["hyperparameters"]["loss"]
     predictor = EncoderPredictor(
         net, encoder, tokenizer, settings["token_budget"], concentration=loss == "dirichlet-multinomial"

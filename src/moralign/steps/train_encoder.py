@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from moralign import encoders
 from moralign.config import Config, ConfigError, digest
+from moralign.encoder_heads import head_counts, head_labels
+from moralign.encoder_inputs import InputEncoder, max_length_of
+from moralign.encoder_losses import SELECTION
+from moralign.encoder_model import METADATA, load_model
+from moralign.encoder_training import Split, Trainer
 from moralign.io import atomic_dir, environment, read_json, write_json
 from moralign.modelfiles import base_identity, check_model_folder
 
@@ -30,13 +34,13 @@ def run(cfg: Config, model: str, dataset: str, data_dir: Path, base_dir: Path, o
             "settings": settings,
             "model": cfg.model(model),
             "dataset": dataset,
-            "head": encoders.head_labels(dataset),
-            "selection": encoders.SELECTION,
+            "head": head_labels(dataset),
+            "selection": SELECTION,
             "base": base_identity(base_dir)["weights"],
-            "data": {s: [list(f["id"]), encoders.head_counts(f, dataset).tolist()] for s, f in frames.items()},
+            "data": {s: [list(f["id"]), head_counts(f, dataset).tolist()] for s, f in frames.items()},
         }
     )
-    meta_path = out_dir / encoders.METADATA
+    meta_path = out_dir / METADATA
     if meta_path.exists() and read_json(meta_path).get("fingerprint") == fingerprint:
         log.info("%s is already trained with these settings; nothing to do", out_dir)
         return
@@ -46,20 +50,20 @@ def run(cfg: Config, model: str, dataset: str, data_dir: Path, base_dir: Path, o
     if bf16 and device.type != "cuda":
         raise ConfigError("encoder.dtype: bfloat16 autocast needs CUDA; use auto or float32 on a CPU")
     tokenizer = load_tokenizer(str(base_dir))
-    max_length = encoders.max_length_of(settings, dataset)
-    encoder = encoders.InputEncoder(tokenizer, dataset, max_length)
-    train, dev = (encoders.Split(encoder.encode(f), encoders.head_counts(f, dataset)) for f in frames.values())
+    max_length = max_length_of(settings, dataset)
+    encoder = InputEncoder(tokenizer, dataset, max_length)
+    train, dev = (Split(encoder.encode(f), head_counts(f, dataset)) for f in frames.values())
     torch.manual_seed(settings["seed"])  # the new head's initial weights
-    net = encoders.load_model(base_dir, dataset, device, autocast=bf16)
+    net = load_model(base_dir, dataset, device, autocast=bf16)
     checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")
-    result = encoders.Trainer(net, settings, checkpoints, fingerprint).train(train, dev)
+    result = Trainer(net, settings, checkpoints, fingerprint).train(train, dev)
     meta = {
         "fingerprint": fingerprint,
         "model": model,
         "base": base_identity(base_dir),
         "dataset": dataset,
         "head": encoder.head,
-        "head_labels": list(encoders.head_labels(dataset)),
+        "head_labels": list(head_labels(dataset)),
         "max_length": max_length,
         "hyperparameters": settings,
         "train_items": len(train.items),
@@ -71,7 +75,7 @@ def run(cfg: Config, model: str, dataset: str, data_dir: Path, base_dir: Path, o
     with atomic_dir(out_dir) as tmp:
         net.net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / encoders.METADATA, meta)
+        write_json(tmp / METADATA, meta)
     log.info(
         "%s: best dev calibrated xentropy %.4f (T %.3f; xentropy %.4f) at epoch %d of %d (%.1f s)",
         out_dir,
