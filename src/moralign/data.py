@@ -437,3 +437,11 @@ def prepare(task_name: str, archive_path: str | Path, out_dir: str | Path) -> di
 def counts_matrix(frame: pd.DataFrame) -> np.ndarray:
     """The ``counts`` column as an (items, choices) int64 matrix."""
     return np.stack(frame["counts"].to_numpy()).astype(np.int64)
+
+
+def evaluated_items(frame: pd.DataFrame, max_items: int | None) -> pd.DataFrame:
+    """The items of a split that are evaluated: the first ``extract.max_items`` (all when it is null).
+
+    The one rule every step that scores or references a split applies, so every row covers the same items.
+    """
+    return frame.head(max_items) if max_items else frame

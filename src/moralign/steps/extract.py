@@ -12,6 +12,7 @@ import pandas as pd
 
 from moralign import predictors
 from moralign.config import Config
+from moralign.data import evaluated_items
 from moralign.extraction import run_sharded
 from moralign.io import atomic_path, write_json
 
@@ -39,9 +40,10 @@ def run(
     settings = cfg["extract"]
     inputs = predictors.CellInputs(data_dir, base_dir, adapter_dir, cache_dir, base_quantization)
     predictor = predictors.build(cfg, model, dataset, condition, inputs)
-    frames = {split: pd.read_parquet(data_dir / f"{split}.parquet") for split in settings["splits"]}
-    if settings["max_items"]:
-        frames = {split: frame.head(settings["max_items"]) for split, frame in frames.items()}
+    frames = {
+        split: evaluated_items(pd.read_parquet(data_dir / f"{split}.parquet"), settings["max_items"])
+        for split in settings["splits"]
+    }
     plan = predictor.plan(frames)
     log.info("%s %s %s plan: %s", model, dataset, condition, json.dumps(plan, sort_keys=True))
     if dry_run:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from moralign.config import Config
-from moralign.data import counts_matrix
+from moralign.data import counts_matrix, evaluated_items
 from moralign.io import write_json
 from moralign.references import reference_rows
 
@@ -30,8 +30,8 @@ def run(cfg: Config, dataset: str, data_dir: Path, out: Path) -> None:
     counts = {}
     for s in {split, "dev", "train"}:
         frame = pd.read_parquet(data_dir / f"{s}.parquet")
-        if max_items and s != "train":
-            frame = frame.head(max_items)  # the same cap as the extract step
+        if s != "train":
+            frame = evaluated_items(frame, max_items)  # the same cap as the extract step
         counts[s] = counts_matrix(frame)
     rows = reference_rows(counts[split], counts["dev"], counts["train"], cfg["score"])
     write_json(out, {"dataset": dataset, "split": split, "rows": rows})
