@@ -555,3 +555,25 @@ def test_json_constraint_rejects_what_the_schema_forbids(tiny):
     assert not bad.accept_string('{"No": 40')
     partial = constraint.matcher()
     assert partial.accept_string('{"Yes": 40') and not partial.accept_token(tok.eos_token_id)
+
+
+def test_readings_run_on_a_lora_adapter(tiny_models, processed):
+    from peft import LoraConfig, get_peft_model
+
+    tok = load_tokenizer(str(tiny_models["llama"]))
+    model = load_model(str(tiny_models["llama"]), None, torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
+    builder = PromptBuilder(TASKS["anecdotes"], ANECDOTES, chat=True)
+    items = items_of(processed, "anecdotes", 2)
+    prompts = [builder.encode(tok, row).ids for _, row in items.iterrows()]
+    streams = [uniforms(i, "sample", 0, 2, 8) for i in items["id"]]
+    got = sampler_for(lora, tok).generate(prompts, streams, Decoding(max_new_tokens=8))
+    stop = stop_token_ids(lora, tok)
+    for i in range(2):
+        for k in range(2):
+            assert got[i][k][0] == naive_completion(lora, prompts[i], streams[i][k], stop)
+    verbal = read_verbal(sampler_for(lora, tok), tok, builder, items, {"base": "tiny", "adapter": "x"}, n_draws=2)
+    assert not verbal["shares"].str.contains("null").any()

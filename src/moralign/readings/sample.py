@@ -148,7 +148,7 @@ class Sampler:
         pad_id: int,
         stop_ids: Sequence[int],
         token_budget: int = 65536,
-        max_rows: int = 512,
+        max_rows: int = 256,
         reuse_prefix: bool = True,
         min_prefix: int = 32,
     ) -> None:
