@@ -448,6 +448,39 @@ def test_sample_reading_caches_raw_draws_keyed_by_the_full_request(tiny, process
         Request({}, "x", base.prompt_ids, "sample", 5, 0, decoding.describe())
 
 
+class Failing(torch.nn.Module):
+    """Raises at the forward pass number ``fail_at`` (a run killed part way)."""
+
+    def __init__(self, inner, fail_at: int):
+        super().__init__()
+        self.inner = inner
+        self.generation_config = inner.generation_config
+        self.calls, self.fail_at = 0, fail_at
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("killed")
+        return self.inner(**kwargs)
+
+
+def test_a_killed_run_keeps_finished_batches_and_resumes(tiny, processed, tmp_path):
+    tok, model = tiny
+    builder = PromptBuilder(TASKS["anecdotes"], ANECDOTES, chat=True)
+    items = items_of(processed, "anecdotes", 4)
+    decoding = Decoding(max_new_tokens=4)
+    clean = read_sample(sampler_for(model, tok), tok, builder, items, IDENTITY, n_draws=3, decoding=decoding)
+    cache = GenerationCache(tmp_path)
+    failing = sampler_for(Failing(model, fail_at=12), tok, max_rows=3)  # one item per batch, at most 5 passes each
+    with pytest.raises(RuntimeError, match="killed"):
+        read_sample(failing, tok, builder, items, IDENTITY, n_draws=3, decoding=decoding, cache=cache)
+    assert 1 <= len(list(tmp_path.rglob("*.json"))) < 4
+    resumed = read_sample(
+        sampler_for(model, tok), tok, builder, items, IDENTITY, n_draws=3, decoding=decoding, cache=cache
+    )
+    pd.testing.assert_frame_equal(resumed, clean)
+
+
 def test_generation_cache_refuses_damaged_or_foreign_entries(tmp_path):
     cache = GenerationCache(tmp_path)
     request = Request({"base": "m"}, "x", (1, 2, 3), "sample", 2, 0, Decoding(4).describe())
@@ -521,9 +554,12 @@ def test_unconstrained_draws_give_the_format_following_rate(tiny, processed, mon
     # the rate counts what the share parser reads: feed it completions that half follow the format
     texts = iter(['{"Yes": 40, "No": 60}', "Yes, 40 %"] * 6)
 
-    def fake_generate(self, prompts, streams, decoding, constraint=None):
+    def fake_generate(self, prompts, streams, decoding, constraint=None, on_done=None):
         assert constraint is None
-        return [[(tok(next(texts), add_special_tokens=False)["input_ids"], True) for _ in range(2)] for _ in prompts]
+        made = [[(tok(next(texts), add_special_tokens=False)["input_ids"], True) for _ in range(2)] for _ in prompts]
+        for i, completions in enumerate(made):
+            on_done(i, completions)
+        return made
 
     monkeypatch.setattr(Sampler, "generate", fake_generate)
     half = read_format_following(sampler, tok, builder, items, IDENTITY, n_draws=2)

@@ -177,11 +177,14 @@ class Sampler:
         streams: list[np.ndarray],
         decoding: Decoding,
         constraint: Callable[[int, int], Matcher] | None = None,
+        on_done: Callable[[int, list[tuple[list[int], bool]]], None] | None = None,
     ) -> list[list[tuple[list[int], bool]]]:
         """Completions of every prompt: per prompt, per draw, (token ids without the stop token, stopped).
 
         ``streams[i]`` holds prompt i's uniform numbers (draws x ``max_new_tokens``, :func:`uniforms`); every
         prompt gets the same number of draws. ``constraint(i, k)`` makes the matcher of prompt i's draw k.
+        ``on_done(i, completions)`` is called as soon as prompt i's batch is finished (to cache it: a killed run
+        loses at most the batch in progress).
         """
         if not prompts:
             return []
@@ -203,6 +206,8 @@ class Sampler:
                 done = self._batch([rows[i] for i in batch], prefix, n_draws, u, decoding, matchers)
             for b, i in enumerate(batch):
                 results[i] = done[b * n_draws : (b + 1) * n_draws]
+                if on_done is not None:
+                    on_done(i, results[i])
         return results
 
     def _forward(self, **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -252,8 +257,9 @@ class Sampler:
                 break
             if not keep.all():
                 index = keep.nonzero().squeeze(-1)
-                cache.batch_select_indices(index.to(self.device))
-                mask, position, drawn, alive = mask[index], position[index], drawn[index], alive[index]
+                on_device = index.to(self.device)
+                cache.batch_select_indices(on_device)
+                mask, position, drawn, alive = mask[on_device], position[on_device], drawn[on_device], alive[index]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits, cache = self._forward(
                 input_ids=drawn[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache
@@ -290,10 +296,23 @@ def generate_cached(
     Every request must have the same draws, reading and decoding (one call of :meth:`Sampler.generate`).
     ``constraint(request)`` returns the matcher factory of that request's draws.
     """
-    if len({(r.n_draws, r.reading, canonical_json(r.decoding)) for r in requests}) > 1:
-        raise ValueError("requests of one call must share n_draws, reading and decoding")
-    found = [cache.get(r) if cache is not None else None for r in requests]
+    if {(r.n_draws, r.reading, canonical_json(r.decoding)) for r in requests} - {
+        (requests[0].n_draws, requests[0].reading, canonical_json(decoding.describe()))
+    }:
+        raise ValueError("requests of one call must share n_draws, reading and the decoding they are generated with")
+    found: list[list[Draw] | None] = [cache.get(r) if cache is not None else None for r in requests]
     todo = [i for i, f in enumerate(found) if f is None]
+
+    def store(t: int, completions: list[tuple[list[int], bool]]) -> None:
+        i = todo[t]
+        draws = [
+            Draw(tuple(ids), tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), stop)
+            for ids, stop in completions
+        ]
+        if cache is not None:
+            cache.put(requests[i], draws)
+        found[i] = draws
+
     if todo:
         streams = [
             uniforms(
@@ -302,24 +321,13 @@ def generate_cached(
             for i in todo
         ]
         factories = [constraint(requests[i]) for i in todo] if constraint is not None else None
-        made = sampler.generate(
+        sampler.generate(
             [list(requests[i].prompt_ids) for i in todo],
             streams,
             decoding,
-            None if factories is None else (lambda i, k: factories[i](k)),
+            None if factories is None else (lambda t, k: factories[t](k)),
+            on_done=store,
         )
-        for i, completions in zip(todo, made, strict=True):
-            draws = [
-                Draw(
-                    tuple(ids),
-                    tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
-                    stop,
-                )
-                for ids, stop in completions
-            ]
-            if cache is not None:
-                cache.put(requests[i], draws)
-            found[i] = draws
     return found
 
 
