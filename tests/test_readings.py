@@ -27,6 +27,7 @@ from moralign.readings.parse import parse_answer, parse_shares
 from moralign.readings.sample import (
     MIN_VALID_SHARE,
     Decoding,
+    Reader,
     Sampler,
     draw_tokens,
     read_sample,
@@ -387,7 +388,7 @@ def test_sample_converges_to_logprob_when_the_first_token_is_an_answer(tiny, pro
     assert np.abs(p_logprob - 1 / len(builder.answers)).max() > 0.2  # not all near-uniform: a test with power
     n = 300
     frame = read_sample(
-        sampler_for(wrapped, tok), tok, builder, items, IDENTITY, n_draws=n, decoding=Decoding(max_new_tokens=4)
+        Reader(sampler_for(wrapped, tok), tok, builder, IDENTITY), items, n_draws=n, decoding=Decoding(max_new_tokens=4)
     )
     assert frame["valid"].all() and (frame["n_valid"] == n).all()
     counts = np.stack(frame["counts"])
@@ -412,7 +413,7 @@ def test_sample_reading_caches_raw_draws_keyed_by_the_full_request(tiny, process
     cache = GenerationCache(tmp_path / "cache")
     decoding = Decoding(max_new_tokens=8)
     sampler = sampler_for(model, tok)
-    first = read_sample(sampler, tok, builder, items, IDENTITY, n_draws=5, decoding=decoding, cache=cache)
+    first = read_sample(Reader(sampler, tok, builder, IDENTITY, cache=cache), items, n_draws=5, decoding=decoding)
     assert len(list((tmp_path / "cache").rglob("*.json"))) == 4
     assert list(first["n_prompt_tokens"]) == [len(builder.encode(tok, row).ids) for _, row in items.iterrows()]
     assert (first["n_generated"] <= 5 * 8).all() and (first["n_draws"] == 5).all()
@@ -422,11 +423,11 @@ def test_sample_reading_caches_raw_draws_keyed_by_the_full_request(tiny, process
         raise AssertionError("generated again")
 
     monkeypatch.setattr(Sampler, "generate", refuse)
-    again = read_sample(sampler, tok, builder, items, IDENTITY, n_draws=5, decoding=decoding, cache=cache)
+    again = read_sample(Reader(sampler, tok, builder, IDENTITY, cache=cache), items, n_draws=5, decoding=decoding)
     pd.testing.assert_frame_equal(first, again)
     # a parser fix re-parses the cached draws without generating
     monkeypatch.setattr("moralign.readings.sample.parse_answer", lambda text, answers: parse_answer("Yes", answers))
-    fixed = read_sample(sampler, tok, builder, items, IDENTITY, n_draws=5, decoding=decoding, cache=cache)
+    fixed = read_sample(Reader(sampler, tok, builder, IDENTITY, cache=cache), items, n_draws=5, decoding=decoding)
     assert (fixed["n_valid"] == 5).all() and all(list(p) == [1.0, 0.0] for p in fixed["p"])
     monkeypatch.undo()
 
@@ -469,14 +470,14 @@ def test_a_killed_run_keeps_finished_batches_and_resumes(tiny, processed, tmp_pa
     builder = PromptBuilder(TASKS["anecdotes"], ANECDOTES, chat=True)
     items = items_of(processed, "anecdotes", 4)
     decoding = Decoding(max_new_tokens=4)
-    clean = read_sample(sampler_for(model, tok), tok, builder, items, IDENTITY, n_draws=3, decoding=decoding)
+    clean = read_sample(Reader(sampler_for(model, tok), tok, builder, IDENTITY), items, n_draws=3, decoding=decoding)
     cache = GenerationCache(tmp_path)
     failing = sampler_for(Failing(model, fail_at=12), tok, max_rows=3)  # one item per batch, at most 5 passes each
     with pytest.raises(RuntimeError, match="killed"):
-        read_sample(failing, tok, builder, items, IDENTITY, n_draws=3, decoding=decoding, cache=cache)
+        read_sample(Reader(failing, tok, builder, IDENTITY, cache=cache), items, n_draws=3, decoding=decoding)
     assert 1 <= len(list(tmp_path.rglob("*.json"))) < 4
     resumed = read_sample(
-        sampler_for(model, tok), tok, builder, items, IDENTITY, n_draws=3, decoding=decoding, cache=cache
+        Reader(sampler_for(model, tok), tok, builder, IDENTITY, cache=cache), items, n_draws=3, decoding=decoding
     )
     pd.testing.assert_frame_equal(resumed, clean)
 
@@ -524,7 +525,7 @@ def test_constrained_draws_are_always_the_json_asked_for(tiny, processed, datase
     builder = PromptBuilder(TASKS[dataset], spec, chat=True)
     items = items_of(processed, dataset, 12)
     cache = GenerationCache(tmp_path)
-    frame = read_verbal(sampler_for(model, tok), tok, builder, items, IDENTITY, n_draws=5, cache=cache)
+    frame = read_verbal(Reader(sampler_for(model, tok), tok, builder, IDENTITY, cache=cache), items, n_draws=5)
     assert (frame["n_draws"] == 5).all() and not frame["shares"].str.contains("null").any()
     for path in tmp_path.rglob("*.json"):
         entry = json.loads(path.read_text())
@@ -548,7 +549,7 @@ def test_unconstrained_draws_give_the_format_following_rate(tiny, processed, mon
     builder = PromptBuilder(TASKS["anecdotes"], ANECDOTES, chat=True)
     items = items_of(processed, "anecdotes", 6)
     sampler = sampler_for(model, tok)
-    frame = read_format_following(sampler, tok, builder, items, IDENTITY, n_draws=2)
+    frame = read_format_following(Reader(sampler, tok, builder, IDENTITY), items, n_draws=2)
     assert list(frame["n_draws"]) == [2] * 6
     assert format_following_rate(frame) == 0.0  # a random tiny model writes no JSON of its own
     # the rate counts what the share parser reads: feed it completions that half follow the format
@@ -562,7 +563,7 @@ def test_unconstrained_draws_give_the_format_following_rate(tiny, processed, mon
         return made
 
     monkeypatch.setattr(Sampler, "generate", fake_generate)
-    half = read_format_following(sampler, tok, builder, items, IDENTITY, n_draws=2)
+    half = read_format_following(Reader(sampler, tok, builder, IDENTITY), items, n_draws=2)
     assert format_following_rate(half) == 0.5
 
 
@@ -611,5 +612,7 @@ def test_readings_run_on_a_lora_adapter(tiny_models, processed):
     for i in range(2):
         for k in range(2):
             assert got[i][k][0] == naive_completion(lora, prompts[i], streams[i][k], stop)
-    verbal = read_verbal(sampler_for(lora, tok), tok, builder, items, {"base": "tiny", "adapter": "x"}, n_draws=2)
+    verbal = read_verbal(
+        Reader(sampler_for(lora, tok), tok, builder, {"base": "tiny", "adapter": "x"}), items, n_draws=2
+    )
     assert not verbal["shares"].str.contains("null").any()

@@ -374,18 +374,30 @@ def model_identity(sampler: Sampler, identity: dict[str, Any]) -> dict[str, Any]
     return {**identity, "dtype": str(next(sampler.model.parameters()).dtype).removeprefix("torch.")}
 
 
+@dataclass(frozen=True)
+class Reader:
+    """What every reading needs besides its items.
+
+    The sampler (the model), the tokenizer and prompt builder that render and tokenize prompts exactly as the
+    ``logprob`` reading scores them, the model's ``identity`` (base weights and adapter hash: the cache key), the
+    generation cache and the ``max_length`` rule of :meth:`PromptBuilder.encode`.
+    """
+
+    sampler: Sampler
+    tokenizer: Any
+    builder: PromptBuilder
+    identity: dict[str, Any]
+    cache: GenerationCache | None = None
+    max_length: int | None = None
+
+
 def read_sample(
-    sampler: Sampler,
-    tokenizer: Any,
-    builder: PromptBuilder,
+    reader: Reader,
     items: pd.DataFrame,
-    identity: dict[str, Any],
     *,
     n_draws: int = DEFAULT_DRAWS,
     seed: int = 0,
     decoding: Decoding = DEFAULT_DECODING,
-    cache: GenerationCache | None = None,
-    max_length: int | None = None,
 ) -> pd.DataFrame:
     """The ``sample`` reading of ``items``: ``n_draws`` completions of each prompt, parsed (:func:`sample_frame`).
 
@@ -393,14 +405,16 @@ def read_sample(
     them. ``identity`` names the model (base weights and adapter hash) for the cache key. The frame adds
     ``n_prompt_tokens`` and ``shortened`` (as extraction's does).
     """
-    encoded = [builder.encode(tokenizer, row, max_length) for _, row in items.iterrows()]
+    r = reader
+    encoded = [r.builder.encode(r.tokenizer, row, r.max_length) for _, row in items.iterrows()]
     ids = [str(i) for i in items["id"]]
-    model = model_identity(sampler, identity)
+    model = model_identity(r.sampler, r.identity)
     requests = [
         Request(model, item_id, tuple(e.ids), "sample", n_draws, seed, decoding.describe())
         for item_id, e in zip(ids, encoded, strict=True)
     ]
-    frame = sample_frame(ids, generate_cached(sampler, tokenizer, requests, decoding, cache), builder.answers)
+    draws = generate_cached(r.sampler, r.tokenizer, requests, decoding, r.cache)
+    frame = sample_frame(ids, draws, r.builder.answers)
     frame["n_prompt_tokens"] = [len(e.ids) for e in encoded]
     frame["shortened"] = [e.shortened for e in encoded]
     return frame

@@ -35,11 +35,12 @@ import numpy as np
 import pandas as pd
 
 from moralign.prompts import PromptBuilder
-from moralign.readings.cache import Draw, GenerationCache, Request, canonical_json
+from moralign.readings.cache import Draw, Request, canonical_json
 from moralign.readings.parse import VERSIONS, parse_shares
 from moralign.readings.sample import (
     MIN_VALID_SHARE,
     Decoding,
+    Reader,
     Sampler,
     generate_cached,
     model_identity,
@@ -194,21 +195,17 @@ def verbal_frame(ids: Sequence[str], draws: Sequence[Sequence[Draw]], answers: S
 
 
 def _requests(
-    sampler: Sampler,
-    tokenizer: Any,
-    builder: PromptBuilder,
+    reader: Reader,
     items: pd.DataFrame,
-    identity: dict[str, Any],
     n_draws: int,
     seed: int,
     decoding: Decoding,
     constraint: JsonConstraint | None,
-    max_length: int | None,
 ) -> tuple[list[str], list[Any], list[Request]]:
-    verbal = verbal_builder(builder)
-    encoded = [verbal.encode(tokenizer, row, max_length) for _, row in items.iterrows()]
+    verbal = verbal_builder(reader.builder)
+    encoded = [verbal.encode(reader.tokenizer, row, reader.max_length) for _, row in items.iterrows()]
     ids = [str(i) for i in items["id"]]
-    model = model_identity(sampler, identity)
+    model = model_identity(reader.sampler, reader.identity)
     described = None if constraint is None else constraint.describe()
     requests = [
         Request(model, item_id, tuple(e.ids), "verbal", n_draws, seed, decoding.describe(), described)
@@ -218,50 +215,40 @@ def _requests(
 
 
 def read_verbal(
-    sampler: Sampler,
-    tokenizer: Any,
-    builder: PromptBuilder,
+    reader: Reader,
     items: pd.DataFrame,
-    identity: dict[str, Any],
     *,
     n_draws: int = DEFAULT_DRAWS,
     seed: int = 0,
     temperature: float = 1.0,
-    cache: GenerationCache | None = None,
-    max_length: int | None = None,
 ) -> pd.DataFrame:
     """The ``verbal`` reading of ``items``: ``n_draws`` constrained JSON draws per item (:func:`verbal_frame`).
 
-    ``identity`` names the model (base weights, adapter hash) for the cache key. The frame adds
+    ``reader.identity`` names the model (base weights, adapter hash) for the cache key. The frame adds
     ``n_prompt_tokens`` and ``shortened``.
     """
+    sampler, answers = reader.sampler, reader.builder.answers
     constraint = JsonConstraint(
-        tokenizer, _vocab_size(sampler), sampler.stop_ids.tolist(), share_schema(builder.answers)
+        reader.tokenizer, _vocab_size(sampler), sampler.stop_ids.tolist(), share_schema(answers)
     )
-    decoding = Decoding(max_new_tokens=max_json_tokens(builder.answers), temperature=temperature)
-    ids, encoded, requests = _requests(
-        sampler, tokenizer, builder, items, identity, n_draws, seed, decoding, constraint, max_length
-    )
-    draws = generate_cached(sampler, tokenizer, requests, decoding, cache, lambda _: lambda _k: constraint.matcher())
-    frame = verbal_frame(ids, draws, builder.answers)
+    decoding = Decoding(max_new_tokens=max_json_tokens(answers), temperature=temperature)
+    ids, encoded, requests = _requests(reader, items, n_draws, seed, decoding, constraint)
+    matchers = lambda _: lambda _k: constraint.matcher()  # noqa: E731  (one fresh matcher per draw)
+    draws = generate_cached(sampler, reader.tokenizer, requests, decoding, reader.cache, matchers)
+    frame = verbal_frame(ids, draws, answers)
     frame["n_prompt_tokens"] = [len(e.ids) for e in encoded]
     frame["shortened"] = [e.shortened for e in encoded]
     return frame
 
 
 def read_format_following(
-    sampler: Sampler,
-    tokenizer: Any,
-    builder: PromptBuilder,
+    reader: Reader,
     items: pd.DataFrame,
-    identity: dict[str, Any],
     *,
     n_draws: int = 1,
     seed: int = 0,
     temperature: float = 1.0,
     max_new_tokens: int | None = None,
-    cache: GenerationCache | None = None,
-    max_length: int | None = None,
 ) -> pd.DataFrame:
     """The same prompts drawn WITHOUT the constraint: per item, how many draws parse as the JSON asked for.
 
@@ -271,11 +258,10 @@ def read_format_following(
     fence. Columns: ``id``, ``n_draws``, ``n_follow``, ``reasons`` (JSON text); :func:`format_following_rate`
     sums them.
     """
+    builder = reader.builder
     decoding = Decoding(max_new_tokens=max_new_tokens or 2 * max_json_tokens(builder.answers), temperature=temperature)
-    ids, _, requests = _requests(
-        sampler, tokenizer, builder, items, identity, n_draws, seed, decoding, None, max_length
-    )
-    draws = generate_cached(sampler, tokenizer, requests, decoding, cache)
+    ids, _, requests = _requests(reader, items, n_draws, seed, decoding, None)
+    draws = generate_cached(reader.sampler, reader.tokenizer, requests, decoding, reader.cache)
     rows = []
     for item_id, item_draws in zip(ids, draws, strict=True):
         parsed = [parse_shares(d.text, builder.answers) for d in item_draws]
