@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadgroup --no-loadscope-reorder). Each test
+# file is one unit of work, so a module's fixtures are built once. xdist hands the units out in collection order:
+# the long end-to-end files go first, longest chain first, so the two workers start on the two longest ones and the
+# short files fill in at the end. A file missing here runs after these, larger files first; the order changes only
+# when a test runs, never what it checks.
+LONG_FIRST = [
+    "test_dvc.py",  # DVC's repro of the demo (one job at a time), then the experiment (eight fine-tunings)
+    "test_workflow.py",  # the demo through Snakemake (demo_run), then its HTML report
+    "test_slurm.py",  # the demo's DAG through SLURM
+    "test_reproducibility.py",  # two blocks of the demo rebuilt
+    "test_dag.py",  # every module edited in copies of both finished demos
+    "test_seeds.py",
+    "test_resume.py",
+    "test_extending.py",
+    "test_openai.py",
+    "test_encoders.py",
+]
 
 
 def pytest_configure(config):
@@ -27,6 +49,22 @@ def pytest_configure(config):
     for key, value in (("NAME", "moralign tests"), ("EMAIL", "tests@moralign.invalid")):
         os.environ.setdefault(f"GIT_AUTHOR_{key}", value)
         os.environ.setdefault(f"GIT_COMMITTER_{key}", value)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per test file (unless a test names its own), and the long files first (see LONG_FIRST)."""
+    sizes: dict[str, int] = {}
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+        sizes[item.path.name] = sizes.get(item.path.name, 0) + 1
+
+    def rank(item):
+        name = item.path.name
+        return (LONG_FIRST.index(name), 0) if name in LONG_FIRST else (len(LONG_FIRST), -sizes[name])
+
+    items.sort(key=rank)  # stable: the tests of a file keep their order
 
 
 @pytest.fixture(scope="session")
@@ -118,12 +156,51 @@ def run(cmd, cwd, timeout=900, check=True) -> subprocess.CompletedProcess:
     return proc
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """``name``, built by ``build(path)`` once per test session however many xdist workers ask for it.
+
+    The first worker to ask builds it, holding a lock in the folder all workers share; the others wait on the lock
+    and then use the result, or fail with the builder's error without building again. Tests must not change it:
+    each worker works on its own copy (:func:`copy_tree`).
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    target, done, failed = shared / name, shared / f"{name}.done", shared / f"{name}.failed"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if failed.exists():
+            raise AssertionError(f"building {name} failed in another worker:\n{failed.read_text()}")
+        if not done.exists():
+            try:
+                build(target)
+            except BaseException:
+                failed.write_text(traceback.format_exc())
+                raise
+            done.touch()
+    return target
+
+
+def copy_tree(src: Path, dest: Path) -> Path:
+    """A copy of a finished run, times kept (what Snakemake and DVC compare), links copied as links."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def _snakemake_demo(root: Path) -> None:
+    repo = copy_repo(root / "repo")
+    t0 = time.perf_counter()
+    run(["snakemake", "--cores", "2", "--configfile", "config/demo.yaml"], repo, timeout=1800)
+    print(f"snakemake run of the demo: {time.perf_counter() - t0:.0f} s")
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
-    """A fresh copy of the repository after ``snakemake --cores 2 --configfile config/demo.yaml``."""
-    repo = copy_repo(tmp_path_factory.mktemp("snakemake") / "repo")
-    run(["snakemake", "--cores", "2", "--configfile", "config/demo.yaml"], repo, timeout=1800)
-    return repo
+    """A fresh copy of the repository after ``snakemake --cores 2 --configfile config/demo.yaml``.
+
+    The run happens once per session (:func:`built_once`); this is the worker's own copy of it.
+    """
+    built = built_once(tmp_path_factory, "snakemake", _snakemake_demo)
+    return copy_tree(built / "repo", tmp_path_factory.mktemp("snakemake") / "repo")
 
 
 def dvc_yaml_for(repo: Path, config: str) -> None:
@@ -132,12 +209,7 @@ def dvc_yaml_for(repo: Path, config: str) -> None:
     (repo / "dvc.yaml").write_text(out)
 
 
-@pytest.fixture(scope="session")
-def dvc_repo(tmp_path_factory) -> Path:
-    """A git + DVC repository with the demo's dvc.yaml, reproduced once, with a local remote."""
-    import time
-
-    root = tmp_path_factory.mktemp("dvc")
+def _dvc_demo(root: Path) -> None:
     repo = copy_repo(root / "repo")
     dvc_yaml_for(repo, "config/demo.yaml")
     run("git init -q && git add -A && git commit -qm init", repo)
@@ -146,4 +218,18 @@ def dvc_repo(tmp_path_factory) -> Path:
     run(["dvc", "repro"], repo, timeout=2400)
     print(f"dvc repro of the demo: {time.perf_counter() - t0:.0f} s")
     run("git add -A && git commit -qm 'demo run'", repo)
-    return repo
+
+
+@pytest.fixture(scope="session")
+def dvc_demo(tmp_path_factory) -> Path:
+    """A git + DVC repository with the demo's dvc.yaml, reproduced once per session, with a local remote.
+
+    Shared by every worker and never changed: a test that changes a DVC repository copies this one (see dvc_repo).
+    """
+    return built_once(tmp_path_factory, "dvc", _dvc_demo) / "repo"
+
+
+@pytest.fixture(scope="session")
+def dvc_repo(dvc_demo, tmp_path_factory) -> Path:
+    """This worker's copy of :func:`dvc_demo` (same remote), changed in turn by the tests that use it."""
+    return copy_tree(dvc_demo, tmp_path_factory.mktemp("dvc") / "repo")

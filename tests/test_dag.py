@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from moralign.config import load_config
 from moralign.pipeline import code as pipeline_code
 from moralign.pipeline import table as stages
 from moralign.pipeline.plan import Plan, fill
-from tests.conftest import ROOT, copy_repo, dvc_yaml_for, run
+from tests.conftest import ROOT, copy_repo, copy_tree, dvc_yaml_for, run
 
 CONFIG_ARG = re.compile(r"--config \S+")
 
@@ -205,10 +204,11 @@ def _downstream(instances, changed: set[str]) -> set[str]:
 
 
 @pytest.mark.slow
-def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_repo, tmp_path):
+def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_demo, tmp_path):
     """For every file a step runs: Snakemake plans its dependents (and what follows), DVC flags exactly them."""
-    smk_repo = tmp_path / "smk"
-    shutil.copytree(demo_run, smk_repo, symlinks=True)
+    # copies of both finished demos: the edits never reach a repository another test is using
+    smk_repo = copy_tree(demo_run, tmp_path / "smk")
+    dvc_repo = copy_tree(dvc_demo, tmp_path / "dvc")
     plan = Plan(load_config([ROOT / "params.yaml", ROOT / "config/demo.yaml"]))
     instances = _instances(plan)
     by_outputs = {frozenset(outs): _name(rule, key) for rule, key, _, outs in instances}

@@ -1,5 +1,7 @@
-"""The demo through a real SLURM scheduler (a single-node cluster on localhost), with the SLURM profile.
+"""The demo's DAG through a real SLURM scheduler (a single-node cluster on localhost), with the SLURM profile.
 
+Every job of the demo goes through the scheduler, on a smaller sample with shorter training (SMALL): what is
+tested is the scheduling, failing and resuming, which do not depend on how long a job computes.
 CI installs Debian's slurmctld, slurmd, slurm-client and munge (.ci/run); elsewhere the test is skipped.
 """
 
@@ -16,6 +18,13 @@ from tests.conftest import ROOT, copy_repo, run
 
 pytestmark = pytest.mark.slow
 PROFILE = ["--profile", "profiles/slurm", "--workflow-profile", "tests/slurm/profile"]
+# An overlay on the demo: the same models, datasets, recipes and jobs, each job seconds shorter.
+SMALL = {
+    "data": {"sample": {"seed": 0, "train": 160, "dev": 60, "test": 60}},
+    "finetune": {"max_steps": 16, "eval_steps": 8},
+    "encoder": {"epochs": 1},
+    "score": {"bootstrap_resamples": 200, "best_samples": 50},
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +67,10 @@ def test_demo_through_slurm_stops_on_failure_and_resumes(cluster, tmp_path):
     broken = yaml.safe_load((repo / "config/demo.yaml").read_text())
     broken["prompts"]["dilemmas"]["template"] = "{no_such_field}"
     (repo / "broken.yaml").write_text(yaml.safe_dump(broken))
+    (repo / "small.yaml").write_text(yaml.safe_dump(SMALL))
 
     # 1. a failing job: the run stops cleanly and names the failed job's log
-    first = run(["snakemake", *PROFILE, "--configfile", "broken.yaml"], repo, timeout=1800, check=False)
+    first = run(["snakemake", *PROFILE, "--configfile", "broken.yaml", "small.yaml"], repo, timeout=1800, check=False)
     out1 = first.stdout + first.stderr
     assert first.returncode != 0
     assert (
@@ -74,7 +84,7 @@ def test_demo_through_slurm_stops_on_failure_and_resumes(cluster, tmp_path):
     assert sub1, out1[-3000:]
 
     # 2. the same command with the fixed config picks up where it stopped: nothing finished is redone
-    second = run(["snakemake", *PROFILE, "--configfile", "config/demo.yaml"], repo, timeout=2400)
+    second = run(["snakemake", *PROFILE, "--configfile", "config/demo.yaml", "small.yaml"], repo, timeout=2400)
     out2 = second.stdout + second.stderr
     sub2 = submissions(out2)
     done_before = {job_key(sub1[j][1]) for j in finished(out1) if j in sub1}
