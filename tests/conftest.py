@@ -17,11 +17,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadgroup --no-loadscope-reorder). Each test
-# file is one unit of work, so a module's fixtures are built once. xdist hands the units out in collection order:
-# the long end-to-end files go first, longest chain first, so the two workers start on the two longest ones and the
-# short files fill in at the end. A file missing here runs after these, larger files first; the order changes only
-# when a test runs, never what it checks.
+# The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadfile --no-loadscope-reorder): each test
+# file is one unit of work, so a module's fixtures are built once. xdist hands the files out in collection order: the
+# long end-to-end files go first, longest chain first, so the two workers start on the two longest ones and the short
+# files fill in at the end. A file missing here runs after these, larger files first; the order changes only when a
+# test runs, never what it checks. (Files, not xdist_group marks: --dist loadgroup ignores the marks under pytest 9.)
 LONG_FIRST = [
     "test_dvc.py",  # DVC's repro of the demo (one job at a time), then the experiment (eight fine-tunings)
     "test_workflow.py",  # the demo through Snakemake (demo_run), then its HTML report
@@ -51,13 +51,10 @@ def pytest_configure(config):
         os.environ.setdefault(f"GIT_COMMITTER_{key}", value)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
-    """One xdist group per test file (unless a test names its own), and the long files first (see LONG_FIRST)."""
+    """The long files first (see LONG_FIRST), then the others, larger files first."""
     sizes: dict[str, int] = {}
     for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
         sizes[item.path.name] = sizes.get(item.path.name, 0) + 1
 
     def rank(item):

@@ -1,4 +1,4 @@
-"""The test harness itself: shared end-to-end runs are built once per session, and xdist gets sensible units."""
+"""The test harness itself: shared end-to-end runs are built once per session, long test files go first."""
 
 import multiprocessing
 import os
@@ -67,12 +67,10 @@ def test_a_failed_build_is_reported_to_later_callers_without_building_again(tmp_
     assert len(calls) == 1
 
 
-def test_every_test_has_a_group_and_long_files_come_first(request):
+def test_long_files_come_first_and_a_files_tests_stay_together(request):
     items = request.session.items
-    assert all(item.get_closest_marker("xdist_group") for item in items)
     ranks = [LONG_FIRST.index(i.path.name) if i.path.name in LONG_FIRST else len(LONG_FIRST) for i in items]
     assert ranks == sorted(ranks)
-    # a file's tests stay together (one xdist unit each)
     where: dict[str, list[int]] = {}
     for k, item in enumerate(items):
         where.setdefault(item.path.name, []).append(k)
