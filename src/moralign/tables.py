@@ -51,21 +51,28 @@ def _groups(cells: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict
     return {k: sorted(v, key=lambda c: -1 if c.get("seed") is None else c["seed"]) for k, v in groups.items()}
 
 
-def table_rows(cells: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
+def load_items(cells: list[dict[str, Any]]) -> dict[str, aggregate.SeedItems]:
+    """Every cell's per-item metrics, read once, by score file path."""
+    return {c["path"]: cell_items(c) for c in cells}
+
+
+def table_rows(
+    cells: list[dict[str, Any]], settings: dict[str, Any], items: dict[str, aggregate.SeedItems]
+) -> list[dict[str, Any]]:
     """One row per (dataset, model, condition): the mean over its seeds' cells, interval over seeds and items."""
     resamples, seed = settings["bootstrap_resamples"], settings["seed"]
     rows = []
     for (dataset, model, condition), group in _groups(cells).items():
-        items = [cell_items(c) for c in group]
+        seeds = [items[c["path"]] for c in group]
         censoring = [c["censoring"]["share_censored"] for c in group if c.get("censoring")]
         rows.append(
             {
                 "dataset": dataset,
                 "model": model,
                 "condition": condition,
-                "metrics": aggregate.row(items, resamples, seed, f"{dataset} {model} {condition}"),
+                "metrics": aggregate.row(seeds, resamples, seed, f"{dataset} {model} {condition}"),
                 "n_items": group[0]["n_items"],
-                "seeds": aggregate.describe(items)["seeds"],
+                "seeds": aggregate.describe(seeds)["seeds"],
                 "weights": weights_label(group[0]["provenance"]),
                 "censored_share": float(np.mean(censoring)) if censoring else math.nan,
                 # a Dirichlet-multinomial encoder's dirichlet is scored with its own alpha, not c = 1
@@ -76,7 +83,10 @@ def table_rows(cells: list[dict[str, Any]], settings: dict[str, Any]) -> list[di
 
 
 def difference_rows(
-    cells: list[dict[str, Any]], comparisons: list[tuple[str, str]], settings: dict[str, Any]
+    cells: list[dict[str, Any]],
+    comparisons: list[tuple[str, str]],
+    settings: dict[str, Any],
+    items: dict[str, aggregate.SeedItems],
 ) -> list[dict[str, Any]]:
     """Paired differences ``condition - baseline`` per (dataset, model), for each (condition, baseline) compared.
 
@@ -90,8 +100,8 @@ def difference_rows(
         for condition, baseline in comparisons:
             if (dataset, model, condition) not in groups or (dataset, model, baseline) not in groups:
                 continue
-            a = [cell_items(c) for c in groups[dataset, model, condition]]
-            b = [cell_items(c) for c in groups[dataset, model, baseline]]
+            a = [items[c["path"]] for c in groups[dataset, model, condition]]
+            b = [items[c["path"]] for c in groups[dataset, model, baseline]]
             if len(b) > 1:
                 a, b = aggregate.matched_seeds(a, b)
                 if not a:
@@ -392,7 +402,8 @@ def tabulate(
     paired by item and seed, with its two-level bootstrap interval (``settings``: the ``score`` section).
     """
     check_same_items(cells, refs)
-    rows = table_rows(cells, settings)
+    items = load_items(cells)
+    rows = table_rows(cells, settings, items)
     long = results_frame(rows, refs)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "results.csv") as tmp:
@@ -414,7 +425,7 @@ def tabulate(
             if censored
             else "# Censored answers\n\nNo API rows in this run: every answer's probability is read in full.\n"
         )
-    diffs = difference_rows(cells, list(comparisons), settings)
+    diffs = difference_rows(cells, list(comparisons), settings, items)
     columns = ["dataset", "model", "condition", "baseline", "seeds", "metric", "value", "low", "high"]
     with atomic_path(out_dir / "differences.csv") as tmp:
         pd.DataFrame(diffs, columns=columns).to_csv(tmp, index=False)
