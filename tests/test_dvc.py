@@ -40,7 +40,7 @@ def test_push_clone_pull_and_nothing_to_redo(dvc_repo, tmp_path):
     print(f"push + clone + pull: {time.perf_counter() - t0:.1f} s")
     assert "up to date" in run(["dvc", "status"], clone).stdout
     assert not running(run(["dvc", "repro"], clone).stdout)
-    adapter = clone / "models/demo/adapters/dilemmas/tiny-mistral/soft/adapter_model.safetensors"
+    adapter = clone / "models/demo/adapters/dilemmas/tiny-mistral/soft/seed-0/adapter_model.safetensors"
     assert adapter.stat().st_size > 1000
     # Snakemake in the pulled clone: checkout times say nothing about what is up to date, so --touch once
     # (in DAG order), after which Snakemake finds nothing to do.
@@ -55,12 +55,12 @@ def test_rebuild_one_cell(dvc_repo):
     # deleted outputs of an unchanged stage come back from the cache, and nothing else runs
     for name in ("base.json", "base.items.parquet"):
         (cell / name).unlink()
-    out = run(["dvc", "repro", "score_base@anecdotes-tiny-llama"], dvc_repo).stdout
+    out = run(["dvc", "repro", "score_base@anecdotes-tiny-llama-base"], dvc_repo).stdout
     assert not running(out) and json.loads((cell / "base.json").read_text()) == before
     # recomputing the cell runs that one stage alone and gives the same numbers
     (cell / "base.json").unlink()
-    out = run(["dvc", "repro", "--force", "--single-item", "score_base@anecdotes-tiny-llama"], dvc_repo).stdout
-    assert running(out) == {"score_base@anecdotes-tiny-llama"}
+    out = run(["dvc", "repro", "--force", "--single-item", "score_base@anecdotes-tiny-llama-base"], dvc_repo).stdout
+    assert running(out) == {"score_base@anecdotes-tiny-llama-base"}
     assert json.loads((cell / "base.json").read_text())["metrics"] == before["metrics"]
     assert "up to date" in run(["dvc", "status"], dvc_repo).stdout
 

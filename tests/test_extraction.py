@@ -138,7 +138,7 @@ def test_prompts_shots_and_system_folding(setup):
     assert [t for t, _ in builder._shots_for(own["id"])] == shots[1:3]
     # raw text ends with the answer prefix, never with whitespace
     raw = PromptBuilder(builder.task, SPEC, chat=False, shots=builder.shots)
-    text = raw.render(tok, dev.iloc[0])
+    text = raw.rendered(tok, dev.iloc[0]).text
     assert text.endswith("Answer:") and text.count("Answer: ") == 2
 
 

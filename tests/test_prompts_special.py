@@ -123,7 +123,7 @@ def test_items_without_special_strings_keep_their_ids(tiny, processed, dataset, 
     answers = ex.answer_variants(tok, builder.answers)
     for _, row in frame.iterrows():
         prompt = builder.encode(tok, row)
-        assert prompt.plain == () and prompt.ids == old_encode_text(tok, builder.render(tok, row))
+        assert prompt.plain == () and prompt.ids == old_encode_text(tok, builder.rendered(tok, row).text)
         if dataset == "anecdotes":  # (a dilemma's actions are too short to cut)
             short = builder.encode(tok, row, max_length=len(prompt.ids) - 5)
             assert short.shortened and short.ids == old_encode_text(tok, short.text)

@@ -300,7 +300,7 @@ def test_the_answered_conversation_keeps_the_prompt_as_scored(real, processed):
     row = pd.read_parquet(processed["dilemmas"] / "dev.parquet").iloc[0]
     prompt = builder.encode(tok, row)
     whole = builder.conversation(tok, row, prompt.fields, "A")
-    fresh = builder.render(tok, row, prompt.fields, answer="A")
+    fresh = builder.rendered(tok, row, prompt.fields, answer="A").text
     assert whole.startswith(prompt.text) and whole.count(SYSTEM) == 1
     assert whole[len(prompt.text) :] == {"mistral-v0.3": " A</s>", "zephyr": "A</s>\n"}.get(name, "A<|eot_id|>")
     assert (SYSTEM in fresh) == (name != "mistral-v0.3")

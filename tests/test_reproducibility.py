@@ -30,7 +30,7 @@ def rerun_subset(tmp_path, demo_run, overlay: dict, cores: int):
 
 
 def cells(repo, dataset, model):
-    return sorted((repo / "results/demo/scores" / dataset / model).glob("*.json"))
+    return sorted((repo / "results/demo/scores" / dataset / model).rglob("*.json"))
 
 
 def test_one_core_rebuilds_the_same_bytes(demo_run, tmp_path):

@@ -11,10 +11,12 @@ from tests.conftest import copy_repo, run
 
 OVERLAY = {
     "run": "seeds",
-    "data": {"sample": {"seed": 0, "train": 160, "dev": 60, "test": 60}},
+    # enough test items that item sampling alone gives a narrow interval (300: width ~0.04 in xentropy)
+    "data": {"sample": {"seed": 0, "train": 160, "dev": 60, "test": 300}},
     "experiment": {"models": ["tiny-llama"], "datasets": ["dilemmas"], "recipes": ["soft"]},
-    # a high learning rate for few steps: runs that differ only in their seed end in different places
-    "finetune": {"seeds": [0, 1], "max_steps": 24, "eval_steps": 12, "learning_rate": 2.0e-2, "batch_size": 8},
+    # a very high learning rate for few steps: runs that differ only in their seed end in different places
+    # (measured: xentropy 0.751 and 0.699; bit for bit the same on every CPU run, threads being pinned)
+    "finetune": {"seeds": [0, 1], "max_steps": 30, "eval_steps": 30, "learning_rate": 0.15, "batch_size": 8},
     "score": {"bootstrap_resamples": 400},
 }
 
@@ -40,13 +42,13 @@ def test_two_seeds_make_two_cells_and_one_row_that_shows_their_disagreement(two_
     row = row.iloc[0]
     assert row["seeds"] == 2
     per_seed = [c["xentropy"].mean() for c in cells]
-    assert abs(per_seed[0] - per_seed[1]) > 0.01, per_seed  # the seeds disagree
+    assert abs(per_seed[0] - per_seed[1]) > 0.02, per_seed  # the seeds disagree
     assert row["value"] == pytest.approx(np.mean(per_seed), abs=1e-9)
     # the same two seeds with item sampling alone (their per-item mean, resampled by items): narrower
     mean_items = (cells[0]["xentropy"].to_numpy() + cells[1]["xentropy"].to_numpy()) / 2
     idx = metrics.bootstrap_indices(len(mean_items), 400, 0)
     low, high = metrics.interval(mean_items[idx].mean(axis=1))
-    assert row["high"] - row["low"] > 1.2 * (high - low), (row["low"], row["high"], low, high)
+    assert row["high"] - row["low"] > 1.5 * (high - low), (row["low"], row["high"], low, high)
     diffs = pd.read_csv(repo / "reports/seeds/differences.csv")
     assert set(diffs["seeds"]) == {2} and set(diffs["baseline"]) == {"base"}
 

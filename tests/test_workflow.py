@@ -44,7 +44,7 @@ def test_paper_plan_without_network():
     proc = run(["snakemake", "-n", "-p", "--forceall"], ROOT)
     plan = proc.stdout
     # QLoRA recipes: tuned cells scored on the 4-bit base they trained on, compared with the base on it too
-    tuned = [line for line in plan.splitlines() if "extract.py" in line and "--adapter" in line]
+    tuned = [line for line in plan.splitlines() if "extract.py" in line and "--adapter models/paper/adapters/" in line]
     assert len(tuned) == 36 and all("--base-quantization 4bit" in line for line in tuned)
     scored = [line for line in plan.splitlines() if "score.py" in line and "--baseline" in line]
     assert len(scored) == 36 and all(line.split("--baseline ")[1].split()[0].endswith("/base-4bit") for line in scored)

@@ -169,16 +169,6 @@ class PromptBuilder:
         msgs.append({"role": "user", "content": self.item_text(row, fields)})
         return msgs
 
-    def render(
-        self,
-        tokenizer: Any,
-        row: dict[str, Any] | pd.Series,
-        fields: dict[str, str] | None = None,
-        answer: str | None = None,
-    ) -> str:
-        """The prompt text (the answer is the next token); with ``answer``, the whole conversation including it."""
-        return self.rendered(tokenizer, row, fields, answer).text
-
     def rendered(
         self,
         tokenizer: Any,
@@ -186,7 +176,9 @@ class PromptBuilder:
         fields: dict[str, str] | None = None,
         answer: str | None = None,
     ) -> Rendered:
-        """:meth:`render`, with the spans where message text holds special tokens' strings (to be tokenized plain).
+        """The prompt text and the spans where message text holds special tokens' strings (to be tokenized plain).
+
+        The answer is the next token; with ``answer``, the text is the whole conversation including it.
 
         Chat: those strings are found in the messages and marked (:func:`moralign.plain_text.mark_specials`) while
         the template renders, so a template that trims or moves message text (Llama's trims it; Mistral's moves the
