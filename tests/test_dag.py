@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,17 @@ def _downstream(instances, changed: set[str]) -> set[str]:
     return names
 
 
+def _with_edit(path: Path, ask, repo: Path):
+    """``ask(repo)`` while ``path`` has one more line; then its bytes and times as they were."""
+    text, stat = path.read_bytes(), path.stat()
+    try:
+        path.write_bytes(text + b"\n# edited\n")
+        return ask(repo)
+    finally:
+        path.write_bytes(text)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 @pytest.mark.slow
 def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_demo, tmp_path):
     """For every file a step runs: Snakemake plans its dependents (and what follows), DVC flags exactly them."""
@@ -217,23 +229,20 @@ def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_d
     files = sorted({f for s in plan.stages if plan.instances(s) for f in s.code()})
     assert len(files) > 20
     assert snakemake_plan(smk_repo, "--configfile", "config/demo.yaml") == {}
-    for rel in files:
-        direct = {_name(r, k) for r, k, ins, _ in instances if rel in ins}
-        planned = {}
-        for repo in (smk_repo, dvc_repo):
-            path = repo / rel
-            text, stat = path.read_bytes(), path.stat()
-            try:
-                path.write_bytes(text + b"\n# edited\n")
-                if repo == smk_repo:
-                    jobs = snakemake_plan(repo, "--configfile", "config/demo.yaml")
-                    planned["snakemake"] = {by_outputs[outs] for _, outs in jobs}
-                else:
-                    status = json.loads(run(["dvc", "status", "--json"], repo).stdout or "{}")
-                    planned["dvc"] = set(status)
-            finally:
-                path.write_bytes(text)
-                os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-        assert planned["dvc"] == direct, rel
-        assert planned["snakemake"] == _downstream(instances, direct), rel
+
+    def snakemake_plans(repo):
+        return {by_outputs[outs] for _, outs in snakemake_plan(repo, "--configfile", "config/demo.yaml")}
+
+    def dvc_flags(repo):
+        return set(json.loads(run(["dvc", "status", "--json"], repo).stdout or "{}"))
+
+    # the two front ends look at their own copy: both ask at once (each waits on its subprocess)
+    with ThreadPoolExecutor(2) as pool:
+        for rel in files:
+            direct = {_name(r, k) for r, k, ins, _ in instances if rel in ins}
+            smk = pool.submit(_with_edit, smk_repo / rel, snakemake_plans, smk_repo)
+            dvc = pool.submit(_with_edit, dvc_repo / rel, dvc_flags, dvc_repo)
+            planned = {"snakemake": smk.result(), "dvc": dvc.result()}
+            assert planned["dvc"] == direct, rel
+            assert planned["snakemake"] == _downstream(instances, direct), rel
     assert "up to date" in run(["dvc", "status"], dvc_repo).stdout
