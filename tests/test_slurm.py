@@ -1,7 +1,8 @@
 """The demo's DAG through a real SLURM scheduler (a single-node cluster on localhost), with the SLURM profile.
 
-Every job of the demo goes through the scheduler, on a smaller sample with shorter training (SMALL): what is
-tested is the scheduling, failing and resuming, which do not depend on how long a job computes.
+Every job of the demo's dilemmas block (both causal LMs with both recipes, both encoders: every kind of stage)
+goes through the scheduler, on a smaller sample with shorter training (SMALL): what is tested is the scheduling,
+failing and resuming, which depend neither on how long a job computes nor on how many cells share a stage.
 CI installs Debian's slurmctld, slurmd, slurm-client and munge (.ci/run); elsewhere the test is skipped.
 """
 
@@ -18,8 +19,9 @@ from tests.conftest import ROOT, copy_repo, run
 
 pytestmark = pytest.mark.slow
 PROFILE = ["--profile", "profiles/slurm", "--workflow-profile", "tests/slurm/profile"]
-# An overlay on the demo: the same models, datasets, recipes and jobs, each job seconds shorter.
+# An overlay on the demo: the same models, recipes and stages on one dataset, each job seconds shorter.
 SMALL = {
+    "experiment": {"datasets": ["dilemmas"]},  # the dataset whose template broken.yaml breaks
     "data": {"sample": {"seed": 0, "train": 160, "dev": 60, "test": 60}},
     "finetune": {"max_steps": 16, "eval_steps": 8},
     "encoder": {"epochs": 1},
@@ -99,5 +101,8 @@ def test_demo_through_slurm_stops_on_failure_and_resumes(cluster, tmp_path):
     assert all(state.get(s) == "COMPLETED" for s, _ in sub2.values()), states
     assert len(set(slurm_ids)) == len(slurm_ids)
     table = pd.read_csv(repo / "reports/demo/results.csv")
-    # datasets x (LMs x {base + 2 recipes} + encoders x {trained})
-    assert len(table[table["kind"] == "model"].groupby(["dataset", "model", "condition"])) == 2 * (2 * 3 + 2 * 1)
+    # one dataset x (LMs x {base + 2 recipes} + encoders x {trained})
+    assert len(table[table["kind"] == "model"].groupby(["dataset", "model", "condition"])) == 2 * 3 + 2 * 1
+    assert {job_key(p).split("/")[0] for _, p in [*sub1.values(), *sub2.values()]} >= {
+        f"rule_{s}" for s in ("finetune", "extract_base", "extract_tuned", "train_encoder", "extract_trained")
+    }
