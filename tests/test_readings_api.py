@@ -25,7 +25,7 @@ from moralign.modeling import load_model, load_tokenizer
 from moralign.predictors import CellInputs
 from moralign.predictors.openai import build
 from moralign.prompts import fold_system
-from moralign.readings.api import read_api, request_seed
+from moralign.readings.api import read_api, reading_requests, request_seed
 from moralign.readings.cache import Draw
 from moralign.readings.parse import parse_answer, parse_shares
 from moralign.readings.sample import Reader, Sampler, read_sample, sample_frame, stop_token_ids
@@ -87,12 +87,15 @@ class ReadingServer(FakeOpenAI):
         self.script = scripted
         self.cap: int | None = None  # the most choices per response
         self.extra = 0  # choices beyond those asked for
+        self.usage = True  # whether responses report usage
         self.served: list[tuple[dict, dict]] = []
 
     def chat(self, request: Request) -> Response:
         body = json.loads(request.get_data())
         self.calls.append(body)
         response = reply(body, self.script, self.cap, self.extra)
+        if not self.usage:
+            del response["usage"]
         self.served.append((body, response))
         return Response(json.dumps(response), content_type="application/json")
 
@@ -202,6 +205,10 @@ def test_request_bodies_of_each_reading(server, processed, tmp_path, system_role
                 assert body["messages"] == (msgs if system_role else fold_system(msgs))
     assert max_json_tokens(ANSWERS) == max_tokens["verbal"]
     assert sorted(b["max_tokens"] for b in server.calls if is_sample(b))[:3] == [5, 5, 5]
+    for reading in ("sample", "verbal", "format"):  # the first requests, as a dry run would price them
+        assert all(b in server.calls for b in reading_requests(predictor, items, reading, n_draws=4, seed=7))
+    with pytest.raises(ValueError, match="n_draws must be at least 1"):
+        read_api(predictor, items, "sample", n_draws=0, seed=7)
     with pytest.raises(ValueError, match="reading must be one of"):
         read_api(predictor, items, "logprob", n_draws=4, seed=7)
 
@@ -291,6 +298,11 @@ def test_refusals_content_filter_and_empty_answers_are_invalid_draws(server, pro
     assert json.loads(sample_frame(["x"], texts, ANSWERS, [["refusal"]])["invalid_reasons"][0]) == {"refusal": 1}
     marked = verbal_frame(["x"], [[Draw((), '{"A": 1, "B": 2}', True)]], ANSWERS, [["content_filter"]])
     assert marked["n_valid"][0] == 0 and json.loads(marked["shares"][0]) == [None]
+
+    # a server that reports no usage: the cost is unknown (-1), not 0
+    server.usage = False
+    unknown = read_api(predictor, items, "sample", n_draws=6, seed=1)
+    assert list(unknown["n_generated"]) == [-1, -1] and list(unknown["n_prompt_tokens"]) == [-1, -1]
 
 
 def test_a_server_that_returns_fewer_choices_is_asked_again_for_the_rest(server, processed, tmp_path):

@@ -152,6 +152,29 @@ def draw_of(choice: dict[str, Any]) -> tuple[Draw, str | None]:
     return Draw((), text, finish == "stop"), reason
 
 
+def reading_requests(
+    predictor: OpenAIPredictor,
+    items: pd.DataFrame,
+    reading: str,
+    *,
+    n_draws: int,
+    seed: int,
+    max_new_tokens: int | None = None,
+) -> list[dict[str, Any]]:
+    """The first request of each item, in order: what :func:`read_api` sends first, and what a dry run prices.
+
+    A server that returns fewer choices than ``n`` adds requests for the missing draws (module docstring).
+    """
+    decoding = decoding_for(reading, predictor.builder.answers, max_new_tokens)
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be at least 1, not {n_draws}")
+    messages = reading_messages(predictor, items, reading)
+    return [
+        request_body(predictor, m, reading, n_draws, request_seed(str(i), reading, seed), decoding)
+        for i, m in zip(items["id"], messages, strict=True)
+    ]
+
+
 def read_api(
     predictor: OpenAIPredictor,
     items: pd.DataFrame,
@@ -165,33 +188,24 @@ def read_api(
 
     Returns the frame :func:`~moralign.readings.sample.read_sample`,
     :func:`~moralign.readings.verbal.read_verbal` or :func:`~moralign.readings.verbal.read_format_following`
-    returns for a local model; the requests and rules are in the module docstring.
+    returns for a local model; the requests and rules are in the module docstring. ``extract.debias`` does not
+    apply: like the local engine, a reading draws from the prompt as written.
     """
-    answers = predictor.builder.answers
-    decoding = decoding_for(reading, answers, max_new_tokens)
-    if n_draws < 1:
-        raise ValueError(f"n_draws must be at least 1, not {n_draws}")
     ids = [str(i) for i in items["id"]]
-    messages = reading_messages(predictor, items, reading)
+    bodies = reading_requests(predictor, items, reading, n_draws=n_draws, seed=seed, max_new_tokens=max_new_tokens)
     draws: list[list[Draw]] = [[] for _ in ids]
     rejected: list[list[str | None]] = [[] for _ in ids]
-    generated: list[int] = [0] * len(ids)
-    prompt_tokens: list[int] = [-1] * len(ids)
+    generated = [0] * len(ids)
+    prompt_tokens = [-1] * len(ids)
     identical = multi = 0
-    pending, round_ = list(range(len(ids))), 0
+    pending, round_no = list(range(len(ids))), 0
     while pending:
-        bodies = [
-            request_body(
-                predictor,
-                messages[i],
-                reading,
-                n_draws - len(draws[i]),
-                request_seed(ids[i], reading, seed, round_),
-                decoding,
-            )
-            for i in pending
-        ]
-        labels = [f"item {ids[i]!r} ({reading} reading, request {round_ + 1})" for i in pending]
+        if round_no:  # the draws a capped server left missing, under the next round's seed
+            bodies = [
+                {**body, "n": n_draws - len(draws[i]), "seed": request_seed(ids[i], reading, seed, round_no)}
+                for i, body in zip(pending, bodies, strict=True)
+            ]
+        labels = [f"item {ids[i]!r} ({reading} reading, request {round_no + 1})" for i in pending]
         responses = predictor.transport.fetch(bodies, labels)
         for i, body, response in zip(pending, bodies, responses, strict=True):
             choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
@@ -208,22 +222,23 @@ def read_api(
             usage = response.get("usage") or {}
             tokens = usage.get("completion_tokens")
             generated[i] = -1 if tokens is None or generated[i] < 0 else generated[i] + int(tokens)
-            if round_ == 0:
+            if round_no == 0:
                 prompt_tokens[i] = int(usage.get("prompt_tokens", -1))
             if len(choices) > 1:
                 multi += 1
                 identical += len({(c.get("message") or {}).get("content") for c in choices}) == 1
-        short = [i for i in pending if len(draws[i]) < n_draws]
-        if short:
+        kept = [(i, body) for i, body in zip(pending, bodies, strict=True) if len(draws[i]) < n_draws]
+        if kept:
             log.info(
                 "%s reading: the server returned fewer choices than asked for %d of %d items; asking again for "
-                "the missing draws (round %d)",
+                "the missing draws (request %d)",
                 reading,
-                len(short),
+                len(kept),
                 len(pending),
-                round_ + 1,
+                round_no + 2,
             )
-        pending, round_ = short, round_ + 1
+        pending, bodies = [i for i, _ in kept], [body for _, body in kept]
+        round_no += 1
     if multi >= IDENTICAL_WARN_AT and identical == multi:
         log.warning(
             "%s reading: in all %d responses with several choices, every choice is the same text. A server that "
@@ -233,8 +248,8 @@ def read_api(
             multi,
         )
     if reading == "format":
-        return format_frame(ids, draws, answers, rejected)
-    frame = (sample_frame if reading == "sample" else verbal_frame)(ids, draws, answers, rejected)
+        return format_frame(ids, draws, predictor.builder.answers, rejected)
+    frame = (sample_frame if reading == "sample" else verbal_frame)(ids, draws, predictor.builder.answers, rejected)
     frame["n_generated"] = generated
     frame["n_prompt_tokens"] = prompt_tokens
     frame["shortened"] = False
