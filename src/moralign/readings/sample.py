@@ -41,7 +41,7 @@ import torch
 from moralign import extraction as ex
 from moralign.prompts import PromptBuilder
 from moralign.readings.cache import Draw, GenerationCache, Request, canonical_json
-from moralign.readings.parse import VERSIONS, parse_answer
+from moralign.readings.parse import VERSIONS, Parsed, parse_answer
 
 # An item whose valid draws are fewer than this share of its draws is an invalid item (reported, never dropped).
 MIN_VALID_SHARE = 2 / 3
@@ -331,18 +331,27 @@ def generate_cached(
     return found
 
 
-def sample_frame(ids: Sequence[str], draws: Sequence[Sequence[Draw]], answers: Sequence[str]) -> pd.DataFrame:
+def sample_frame(
+    ids: Sequence[str],
+    draws: Sequence[Sequence[Draw]],
+    answers: Sequence[str],
+    rejected: Sequence[Sequence[str | None]] | None = None,
+) -> pd.DataFrame:
     """The ``sample`` reading's predictions frame, parsed anew from raw completions.
 
     Columns: ``id``; ``p`` = counts / valid draws (NaN where no draw is valid); ``coverage`` = the valid share of
     the draws; ``valid`` (at least :data:`MIN_VALID_SHARE` of the draws valid: an invalid item is kept and
     flagged, never dropped); ``n_valid``, ``n_draws``, ``counts`` (per choice); ``invalid_reasons`` (reason ->
     count); ``n_generated`` (tokens generated for the item, its cost). ``attrs["parser_version"]`` says which
-    parser read them.
+    parser read them. ``rejected`` (per item, per draw: a reason or None) marks draws that are invalid whatever
+    their text says, such as an API's content-filter stops (:mod:`moralign.readings.api`); they are not parsed.
     """
     rows = []
-    for item_id, item_draws in zip(ids, draws, strict=True):
-        parsed = [parse_answer(d.text, answers) for d in item_draws]
+    for item_id, item_draws, item_rejected in zip(ids, draws, _per_draw(rejected, draws), strict=True):
+        parsed = [
+            Parsed(None, reason) if reason else parse_answer(d.text, answers)
+            for d, reason in zip(item_draws, item_rejected, strict=True)
+        ]
         counts = np.bincount([p.choice for p in parsed if p.valid], minlength=len(answers))
         n_valid, n = int(counts.sum()), len(item_draws)
         reasons: dict[str, int] = {}
@@ -365,6 +374,13 @@ def sample_frame(ids: Sequence[str], draws: Sequence[Sequence[Draw]], answers: S
     frame = pd.DataFrame(rows)
     frame.attrs["parser_version"] = VERSIONS["sample"]
     return frame
+
+
+def _per_draw(
+    rejected: Sequence[Sequence[str | None]] | None, draws: Sequence[Sequence[Draw]]
+) -> Sequence[Sequence[str | None]]:
+    """``rejected``, or no rejection for any draw."""
+    return [[None] * len(d) for d in draws] if rejected is None else rejected
 
 
 def model_identity(sampler: Sampler, identity: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import pandas as pd
 
 from moralign.prompts import PromptBuilder
 from moralign.readings.cache import Draw, Request, canonical_json
-from moralign.readings.parse import VERSIONS, parse_shares
+from moralign.readings.parse import VERSIONS, Shares, parse_shares
 from moralign.readings.sample import (
     MIN_VALID_SHARE,
     Decoding,
@@ -151,7 +151,33 @@ class JsonConstraint:
         return {"library": "xgrammar", "json_schema": self.schema, "separators": list(SEPARATORS)}
 
 
-def verbal_frame(ids: Sequence[str], draws: Sequence[Sequence[Draw]], answers: Sequence[str]) -> pd.DataFrame:
+def _parsed_shares(
+    ids: Sequence[str],
+    draws: Sequence[Sequence[Draw]],
+    answers: Sequence[str],
+    rejected: Sequence[Sequence[str | None]] | None,
+) -> list[tuple[str, list[Shares]]]:
+    """Each item's draws read by the share rule; a rejected draw (a reason) is invalid with it, unparsed."""
+    if rejected is None:
+        rejected = [[None] * len(d) for d in draws]
+    return [
+        (
+            item_id,
+            [
+                Shares(None, reason) if reason else parse_shares(d.text, answers)
+                for d, reason in zip(item_draws, item_rejected, strict=True)
+            ],
+        )
+        for item_id, item_draws, item_rejected in zip(ids, draws, rejected, strict=True)
+    ]
+
+
+def verbal_frame(
+    ids: Sequence[str],
+    draws: Sequence[Sequence[Draw]],
+    answers: Sequence[str],
+    rejected: Sequence[Sequence[str | None]] | None = None,
+) -> pd.DataFrame:
     """The ``verbal`` reading's predictions frame, parsed anew from raw completions.
 
     Columns: ``id``; ``p`` = the mean over valid draws of each draw divided by its sum (NaN where none is
@@ -159,10 +185,11 @@ def verbal_frame(ids: Sequence[str], draws: Sequence[Sequence[Draw]], answers: S
     ``n_valid``, ``n_draws``; ``shares`` and ``sums`` (JSON text: each draw's percentages and their sum, null
     where it did not parse); ``sum_gap`` = mean |sum - 100| over parsed draws; ``p_single`` and
     ``valid_single`` = draw 0 alone; ``invalid_reasons``; ``n_generated``. ``attrs["parser_version"]`` is set.
+    ``rejected`` (per item, per draw: a reason or None) marks draws invalid whatever their text, such as an
+    API's content-filter stops (:mod:`moralign.readings.api`).
     """
     rows = []
-    for item_id, item_draws in zip(ids, draws, strict=True):
-        parsed = [parse_shares(d.text, answers) for d in item_draws]
+    for (item_id, parsed), item_draws in zip(_parsed_shares(ids, draws, answers, rejected), draws, strict=True):
         normed = [np.array(s.values, dtype=float) / s.total for s in parsed if s.valid]
         sums = [s.total for s in parsed]
         gaps = [abs(t - 100) for t in sums if t is not None]
@@ -262,9 +289,21 @@ def read_format_following(
     decoding = Decoding(max_new_tokens=max_new_tokens or 2 * max_json_tokens(builder.answers), temperature=temperature)
     ids, _, requests = _requests(reader, items, n_draws, seed, decoding, None)
     draws = generate_cached(reader.sampler, reader.tokenizer, requests, decoding, reader.cache)
+    return format_frame(ids, draws, builder.answers)
+
+
+def format_frame(
+    ids: Sequence[str],
+    draws: Sequence[Sequence[Draw]],
+    answers: Sequence[str],
+    rejected: Sequence[Sequence[str | None]] | None = None,
+) -> pd.DataFrame:
+    """The format-following frame of unconstrained draws (:func:`read_format_following`), parsed anew.
+
+    ``rejected`` as in :func:`verbal_frame`: such a draw does not follow the format, with that reason.
+    """
     rows = []
-    for item_id, item_draws in zip(ids, draws, strict=True):
-        parsed = [parse_shares(d.text, builder.answers) for d in item_draws]
+    for item_id, parsed in _parsed_shares(ids, draws, answers, rejected):
         reasons: dict[str, int] = {}
         for s in parsed:
             if s.values is None:
