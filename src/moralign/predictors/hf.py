@@ -36,7 +36,7 @@ class HFPredictor(Predictor):
                 f"{builder.task.name} has none"
             )
         self.answers = ex.answer_variants(tokenizer, builder.answers)
-        self.scorer = ex.Scorer(model, tokenizer.pad_token_id, settings["token_budget"], settings["max_batch_size"])
+        self.scorer = ex.make_scorer(model, tokenizer.pad_token_id, settings)
         self.provenance: dict[str, Any] = {
             "template_hash": builder.fingerprint(tokenizer),
             "answers": self.answers.describe(),
