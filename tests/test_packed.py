@@ -9,8 +9,8 @@ from moralign import extraction as ex
 from moralign import extraction_packed as xp
 from moralign.data import TASKS
 from moralign.modeling import load_model, load_tokenizer
-from moralign.plain_text import encode_text
 from moralign.prompts import PromptBuilder, select_shots
+from tests.conftest import ROOT
 from tests.test_extraction import naive_logp, naive_sequence
 
 SPECS = {
@@ -136,16 +136,16 @@ def test_engine_is_chosen_by_the_config(model, tmp_path):
     """extract.engine picks the engine; extract.compile wraps the model in torch.compile; a wrong name fails."""
     from moralign.config import load_config
 
-    tok, net = model
+    _tok, net = model
     settings = {"token_budget": 512, "max_batch_size": 8}
     assert type(ex.make_scorer(net, 0, settings)) is ex.Scorer
     packed = ex.make_scorer(net, 0, {**settings, "engine": "packed", "compile": True})
     assert isinstance(packed, xp.PackedScorer) and isinstance(packed.model, torch._dynamo.eval_frame.OptimizedModule)
-    with pytest.raises(ValueError, match="extract.engine must be one of padded, packed, not 'flat'"):
+    with pytest.raises(ValueError, match=r"extract.engine must be one of padded, packed, not 'flat'"):
         ex.make_scorer(net, 0, {**settings, "engine": "flat"})
-    cfg = load_config([ex.__file__.replace("src/moralign/extraction.py", "params.yaml")])
+    cfg = load_config([ROOT / "params.yaml"])
     assert cfg["extract"]["engine"] == "padded" and cfg["extract"]["compile"] is False
     bad = tmp_path / "bad.yaml"
     bad.write_text("extract:\n  engine: flat\n")
     with pytest.raises(Exception, match="engine"):
-        load_config([ex.__file__.replace("src/moralign/extraction.py", "params.yaml"), bad])
+        load_config([ROOT / "params.yaml", bad])

@@ -279,8 +279,8 @@ def make_scorer(model: Any, pad_id: int, settings: dict[str, Any]) -> Scorer:
     """The engine ``extract.engine`` names, under ``extract.token_budget`` and ``max_batch_size``.
 
     ``padded`` (this module's Scorer) is the reference; ``packed`` (moralign.extraction_packed) packs prompts
-    without padding and gives the same ``p`` to float rounding (on CUDA it switches the model to FlexAttention). ``extract.compile`` wraps the model in
-    ``torch.compile`` first (dynamic shapes: every batch has its own).
+    without padding and gives the same ``p`` to float rounding (on CUDA it switches the model to FlexAttention).
+    ``extract.compile`` wraps the model in ``torch.compile`` first (dynamic shapes: every batch has its own).
     """
     engine = settings.get("engine", "padded")
     if engine not in ENGINES:
