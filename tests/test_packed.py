@@ -138,11 +138,11 @@ def test_engine_is_chosen_by_the_config(model, tmp_path):
 
     _tok, net = model
     settings = {"token_budget": 512, "max_batch_size": 8}
-    assert type(ex.make_scorer(net, 0, settings)) is ex.Scorer
-    packed = ex.make_scorer(net, 0, {**settings, "engine": "packed", "compile": True})
+    assert type(xp.make_scorer(net, 0, settings)) is ex.Scorer
+    packed = xp.make_scorer(net, 0, {**settings, "engine": "packed", "compile": True})
     assert isinstance(packed, xp.PackedScorer) and isinstance(packed.model, torch._dynamo.eval_frame.OptimizedModule)
     with pytest.raises(ValueError, match=r"extract.engine must be one of padded, packed, not 'flat'"):
-        ex.make_scorer(net, 0, {**settings, "engine": "flat"})
+        xp.make_scorer(net, 0, {**settings, "engine": "flat"})
     cfg = load_config([ROOT / "params.yaml"])
     assert cfg["extract"]["engine"] == "padded" and cfg["extract"]["compile"] is False
     bad = tmp_path / "bad.yaml"

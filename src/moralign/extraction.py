@@ -272,31 +272,6 @@ class Scorer:
         return np.array(self._run(rows, lambda i: len(pairs[i][1]) + 1, reduce, "extract (sequences)"))
 
 
-ENGINES = ("padded", "packed")
-
-
-def make_scorer(model: Any, pad_id: int, settings: dict[str, Any]) -> Scorer:
-    """The engine ``extract.engine`` names, under ``extract.token_budget`` and ``max_batch_size``.
-
-    ``padded`` (this module's Scorer) is the reference; ``packed`` (moralign.extraction_packed) packs prompts
-    without padding and gives the same ``p`` to float rounding (on CUDA it switches the model to FlexAttention).
-    ``extract.compile`` wraps the model in ``torch.compile`` first (dynamic shapes: every batch has its own).
-    """
-    engine = settings.get("engine", "padded")
-    if engine not in ENGINES:
-        raise ValueError(f"extract.engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    if engine == "packed" and next(model.parameters()).device.type == "cuda":
-        # the packed rows' document mask as a FlexAttention BlockMask: only the blocks a prompt sees are computed
-        model.set_attn_implementation("flex_attention")
-    if settings.get("compile", False):
-        model = torch.compile(model, dynamic=True)
-    if engine == "packed":
-        from moralign.extraction_packed import PackedScorer
-
-        return PackedScorer(model, pad_id, settings["token_budget"], settings["max_batch_size"])
-    return Scorer(model, pad_id, settings["token_budget"], settings["max_batch_size"])
-
-
 def normalise(logp_choice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Coverage and the renormalised distribution over choices, computed in log space."""
     top = logp_choice.max(axis=1, keepdims=True)

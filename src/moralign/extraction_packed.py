@@ -31,10 +31,33 @@ import torch
 
 from moralign.extraction import Scorer, make_batches
 
+ENGINES = ("padded", "packed")
+
 # Longest packed row with a dense (sdpa/eager) mask. Attention then costs row x (prefix + row) per row whatever
 # the prompts, so the share of wasted attention grows with the row; 1,024 tokens hold two to three anecdote prompts
 # and keep the dense attention of a 7-8B model under ~5 % of its matrix products.
 DENSE_PACK_LENGTH = 1024
+
+
+def make_scorer(model: Any, pad_id: int, settings: dict[str, Any]) -> Scorer:
+    """The engine ``extract.engine`` names, under ``extract.token_budget`` and ``max_batch_size``.
+
+    ``padded`` (moralign.extraction.Scorer) is the reference; ``packed`` (:class:`PackedScorer`) gives the same
+    ``p`` to float rounding, and on CUDA switches the model to FlexAttention. ``extract.compile`` wraps the model
+    in ``torch.compile`` first (dynamic shapes: every batch has its own). The choice lives here rather than in
+    moralign.extraction so that only the steps that extract with a local model depend on this module: fine-tuning
+    and the API backend import moralign.extraction too, and an edit here must not rerun them.
+    """
+    engine = settings.get("engine", "padded")
+    if engine not in ENGINES:
+        raise ValueError(f"extract.engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "packed" and next(model.parameters()).device.type == "cuda":
+        # the packed rows' document mask as a FlexAttention BlockMask: only the blocks a prompt sees are computed
+        model.set_attn_implementation("flex_attention")
+    if settings.get("compile", False):
+        model = torch.compile(model, dynamic=True)
+    cls = PackedScorer if engine == "packed" else Scorer
+    return cls(model, pad_id, settings["token_budget"], settings["max_batch_size"])
 
 
 def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
