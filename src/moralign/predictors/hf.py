@@ -15,6 +15,7 @@ import pandas as pd
 from moralign import extraction as ex
 from moralign.config import CONDITION_BASE_4BIT, Config
 from moralign.errors import DataError
+from moralign.extraction_packed import make_scorer
 from moralign.io import environment, read_json
 from moralign.predictors import CellInputs, Predictor
 from moralign.prompts import EncodedPrompt, PromptBuilder, swap_options
@@ -36,7 +37,7 @@ class HFPredictor(Predictor):
                 f"{builder.task.name} has none"
             )
         self.answers = ex.answer_variants(tokenizer, builder.answers)
-        self.scorer = ex.Scorer(model, tokenizer.pad_token_id, settings["token_budget"], settings["max_batch_size"])
+        self.scorer = make_scorer(model, tokenizer.pad_token_id, settings)
         self.provenance: dict[str, Any] = {
             "template_hash": builder.fingerprint(tokenizer),
             "answers": self.answers.describe(),
