@@ -106,7 +106,7 @@ def test_snakemake_and_dvc_agree_on_every_instance(tmp_path, config):
         assert sections == twin["params"], key  # what Snakemake hashes is what DVC tracks
     rules = {rule for rule, _ in smk}
     # the paper builds no model; the demo fetches none and has no API model
-    absent = {"build_model"} if config == "params.yaml" else {"fetch_model", "extract_api"}
+    absent = {"build_model"} if config == "params.yaml" else {"fetch_model", "extract_api", "read_api"}
     expected = {s.name for s in stages.STAGES} - absent
     assert rules == expected
 
@@ -130,9 +130,12 @@ def test_code_dependencies_follow_the_imports():
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "src/moralign").rglob("*.py")}
     generators = ("__init__", "__main__", "table", "cells", "code", "plan", "rules", "dvcfile")
     table = {f"src/moralign/pipeline/{m}.py" for m in generators}
-    # the readings library (docs/readings.md) is not wired into the DAG yet
-    readings = {p for p in modules if p.startswith("src/moralign/readings/")}
-    assert modules - runs <= table | readings, modules - runs - table - readings
+    assert modules - runs <= table, modules - runs - table
+    # the readings: the read steps run the engines and parsers, the table the report; the extract steps neither
+    assert {"src/moralign/readings/sample.py", "src/moralign/readings/verbal.py"} <= by_stage["read_tuned"]
+    assert "src/moralign/readings/api.py" in by_stage["read_api"]
+    assert "src/moralign/readings/report.py" in by_stage["summarise_readings"]
+    assert not any(p.startswith("src/moralign/readings/") for p in by_stage["extract_tuned"])
 
 
 def test_module_imports_are_found_anywhere(tmp_path, monkeypatch):

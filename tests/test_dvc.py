@@ -79,7 +79,16 @@ def test_experiment_reruns_only_what_depends_on_the_change(dvc_repo):
     )
     stages = running(out.stdout)
     kinds = {s.split("@")[0] for s in stages}
-    assert kinds == {"finetune", "extract_tuned", "score_tuned", "summarise", "plot"}, stages
+    # the tuned cells' readings too (tiny-llama's), and the readings table they feed
+    assert kinds == {
+        "finetune",
+        "extract_tuned",
+        "score_tuned",
+        "summarise",
+        "plot",
+        "read_tuned",
+        "summarise_readings",
+    }, stages
     assert sum(s.startswith("finetune@") for s in stages) == 2  # the LM's two recipes
     table = run(["dvc", "exp", "show", "--no-pager", "--csv"], dvc_repo).stdout
     assert "lr-0.002" in table and "0.002" in table

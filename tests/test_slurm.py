@@ -104,5 +104,14 @@ def test_demo_through_slurm_stops_on_failure_and_resumes(cluster, tmp_path):
     # one dataset x (LMs x {base + 2 recipes} + encoders x {trained})
     assert len(table[table["kind"] == "model"].groupby(["dataset", "model", "condition"])) == 2 * 3 + 2 * 1
     assert {job_key(p).split("/")[0] for _, p in [*sub1.values(), *sub2.values()]} >= {
-        f"rule_{s}" for s in ("finetune", "extract_base", "extract_tuned", "train_encoder", "extract_trained")
+        f"rule_{s}"
+        for s in (
+            "finetune",
+            "extract_base",
+            "extract_tuned",
+            "train_encoder",
+            "extract_trained",
+            "read_base",
+            "read_tuned",
+        )
     }

@@ -41,6 +41,13 @@ def test_paper_plan_without_network():
     encoders = {(r, o) for r, outs in jobs for o in outs if "bert-large-uncased" in o or "roberta-large" in o}
     assert {r for r, _ in encoders} == {"fetch_model", "train_encoder", "extract_trained", "score_trained"}
     assert all("/base/" not in o for r, o in encoders if r != "fetch_model")  # no base row of an encoder
+    # the sample and verbal readings of every chat model's every cell (one job reads both), GPT-4o's through its API
+    assert counts["read_base"] == 12 and counts["read_tuned"] == 36 and counts["summarise_readings"] == 2
+    reads = {o for r, outs in jobs if r.startswith("read_") for o in outs}
+    assert {o for r, outs in jobs if r == "read_api" for o in outs} == {
+        f"results/paper/readings/{d}/gpt-4o/base" for d in ("anecdotes", "dilemmas")
+    }
+    assert not any("bert" in o for o in reads)  # an encoder generates no text
     proc = run(["snakemake", "-n", "-p", "--forceall"], ROOT)
     plan = proc.stdout
     # QLoRA recipes: tuned cells scored on the 4-bit base they trained on, compared with the base on it too
@@ -56,7 +63,15 @@ def test_paper_plan_without_network():
             rule = s.split()[1][:-1]
         elif s.startswith("resources:") and "gpu=1" in s:
             gpu_rules.add(rule)
-    assert gpu_rules == {"extract_base", "extract_tuned", "finetune", "train_encoder", "extract_trained"}
+    assert gpu_rules == {
+        "extract_base",
+        "extract_tuned",
+        "finetune",
+        "train_encoder",
+        "extract_trained",
+        "read_base",
+        "read_tuned",
+    }
 
 
 def test_demo_plans_only_demo_models():
@@ -67,6 +82,13 @@ def test_demo_plans_only_demo_models():
     assert "roberta-large" not in outputs and "bert-large" not in outputs
     assert sum(r.startswith("extract") for r, _ in jobs) == 16 and sum(r == "finetune" for r, _ in jobs) == 8
     assert sum(r == "train_encoder" for r, _ in jobs) == 4 and sum(r == "build_model" for r, _ in jobs) == 4
+    # all three readings of tiny-llama, base and fine-tuned, on both datasets
+    reads = sorted(o for r, outs in jobs if r.startswith("read_") for o in outs)
+    assert reads == sorted(
+        f"results/demo/readings/{d}/tiny-llama/{c}"
+        for d in ("anecdotes", "dilemmas")
+        for c in ("base", "votes/seed-0", "soft/seed-0")
+    )
 
 
 def test_snakemake_lint_is_clean():

@@ -9,6 +9,8 @@ input checks read it). The entry says everything the rest of the system needs to
 * ``extract_stage`` and ``extract_inputs``: the extract stage that scores its untrained conditions and what that
   stage needs besides the processed data (``base``: the model folder; ``cache``: a response cache outside the
   outputs), with ``resources`` for the scheduler (``moralign.pipeline.table`` builds the stage from this);
+* ``read_stage``: the stage that draws the ``sample`` and ``verbal`` readings of those conditions (same inputs;
+  None: the backend cannot generate text, like the encoders);
 * ``check_config``: its cross-field configuration checks; ``same_model``: how a score file's provenance is
   matched with the model's configuration (a same-named model of another run must fail).
 
@@ -47,6 +49,8 @@ class Backend:
     conditions: Callable[[list[str], bool], list[str]]
     extract_stage: str | None = None
     extract_inputs: tuple[str, ...] = ()
+    # the stage that draws the `sample` and `verbal` readings of its untrained conditions (same inputs as extract)
+    read_stage: str | None = None
     resources: tuple[tuple[str, int], ...] = ()
     check_config: Callable[[str, Mapping[str, Any], str], None] = lambda name, model, origin: None
     # (score provenance, model config) -> None when they describe the same model, else the reason
@@ -171,6 +175,7 @@ register(
         ],
         extract_stage="extract_base",
         extract_inputs=("base",),
+        read_stage="read_base",
         check_config=_check_hf,
         same_model=_same_weights,
     )
@@ -184,6 +189,7 @@ register(
         conditions=lambda recipes, quantized: [CONDITION_BASE],
         extract_stage="extract_api",
         extract_inputs=("cache",),
+        read_stage="read_api",
         # one API job at a time shares the endpoint's rate limit; requests within a job run concurrently
         resources=(("openai_api", 1),),
         check_config=_check_openai,

@@ -220,6 +220,18 @@ class Config:
             return list(self.data["encoder"]["seeds"])
         return list(self.data["finetune"]["seeds"])
 
+    @property
+    def readings(self) -> list[str]:
+        """The readings drawn beside ``logprob`` (``sample``, ``verbal``; docs/readings.md)."""
+        return list(self.data["experiment"]["readings"])
+
+    def read_models(self) -> list[str]:
+        """The run's models whose ``sample`` and ``verbal`` readings are drawn (none without readings)."""
+        if not self.readings:
+            return []
+        chosen = self.data["readings"]["models"]
+        return [m for m in self.models if backends.get(self.backend(m)).read_stage and (chosen is None or m in chosen)]
+
     def baseline_of(self, recipe: str) -> str:
         """The base condition a recipe's differences are taken against: the weights it was trained on."""
         return CONDITION_BASE_4BIT if self.finetune(recipe)["quantization"] == "4bit" else CONDITION_BASE
@@ -346,6 +358,19 @@ def _check_cross_fields(cfg: dict[str, Any], origin: str) -> None:
                 f"{origin}: recipe {name} trains on a 4-bit base (finetune.quantization: 4bit) on device cpu, but "
                 "4-bit weights need CUDA; set finetune.quantization: none (plain LoRA: the recipe's cells and their "
                 "baseline are then scored on the same full-precision base)"
+            )
+    # readings.models picks among the run's models: one defined but not run is simply not read (an overlay that
+    # narrows experiment.models need not touch it); one not defined at all is a typo
+    for name in cfg["readings"]["models"] or []:
+        if name not in cfg["models"]:
+            raise ConfigError(
+                f"{origin}: readings.models names '{name}', which is not defined under models "
+                f"(defined: {sorted(cfg['models'])})"
+            )
+        if not backends.get(cfg["models"][name]["backend"]).read_stage:
+            raise ConfigError(
+                f"{origin}: readings.models names '{name}', a {cfg['models'][name]['backend']} model, which "
+                "generates no text: only chat models (backends hf and openai) are read by sampling"
             )
     for key in ("models", "datasets", "recipes"):
         dupes = {x for x in exp[key] if exp[key].count(x) > 1}

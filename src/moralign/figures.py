@@ -251,6 +251,8 @@ def differences_figure(
 
 
 FIGURES = ("xentropy_bars", "dirichlet_bars", "reliability", "scatter", "coverage", "differences")
+# the readings report's figures (moralign.readings.report), written where experiment.readings is set
+READING_FIGURES = ("readings_tv", "readings_items", "readings_finetune")
 
 
 def plot_dataset(

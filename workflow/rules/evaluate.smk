@@ -93,6 +93,74 @@ rule extract_trained:
         " --base {input.base} --adapter {input.encoder} --out-dir {output.predictions} --log {log}"
 
 
+rule read_base:
+    input:
+        data="data/{run}/processed/{dataset}",
+        base="models/{run}/base/{model}",
+        code=code_of("read_base"),
+    output:
+        readings=directory("results/{run}/readings/{dataset}/{model}/{condition}"),
+    log:
+        "logs/read_base/{run}/{dataset}/{model}/{condition}.log",
+    params:
+        **params_of("read_base"),
+    wildcard_constraints:
+        **constraints_of("read_base"),
+    threads: threads_of("read_base")
+    resources:
+        gpu=gpus_of("read_base"),
+    shell:
+        "python workflow/scripts/read.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --data-dir {input.data}"
+        " --cache-dir {params.cache} --condition {wildcards.condition} --base {input.base} --out-dir {output.readings}"
+        " --log {log}"
+
+
+rule read_api:
+    input:
+        data="data/{run}/processed/{dataset}",
+        code=code_of("read_api"),
+    output:
+        readings=directory("results/{run}/readings/{dataset}/{model}/{condition}"),
+    log:
+        "logs/read_api/{run}/{dataset}/{model}/{condition}.log",
+    params:
+        **params_of("read_api"),
+    wildcard_constraints:
+        **constraints_of("read_api"),
+    resources:
+        openai_api=1,
+    shell:
+        "python workflow/scripts/read.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --data-dir {input.data}"
+        " --cache-dir {params.cache} --condition {wildcards.condition} --out-dir {output.readings}"
+        " --log {log}"
+
+
+rule read_tuned:
+    input:
+        data="data/{run}/processed/{dataset}",
+        base="models/{run}/base/{model}",
+        adapter="models/{run}/adapters/{dataset}/{model}/{recipe}/seed-{seed}",
+        code=code_of("read_tuned"),
+    output:
+        readings=directory("results/{run}/readings/{dataset}/{model}/{recipe}/seed-{seed}"),
+    log:
+        "logs/read_tuned/{run}/{dataset}/{model}/{recipe}/{seed}.log",
+    params:
+        **params_of("read_tuned"),
+    wildcard_constraints:
+        **constraints_of("read_tuned"),
+    threads: threads_of("read_tuned")
+    resources:
+        gpu=gpus_of("read_tuned"),
+    shell:
+        "python workflow/scripts/read.py --config {params.config} --sections {params.sections}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --data-dir {input.data}"
+        " --cache-dir {params.cache} --condition {wildcards.recipe} --base {input.base} --adapter {input.adapter}"
+        " --base-quantization {params.quantization} --out-dir {output.readings} --log {log}"
+
+
 rule score_base:
     input:
         data="data/{run}/processed/{dataset}",

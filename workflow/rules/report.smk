@@ -28,6 +28,31 @@ rule summarise:
         " --scores {input.scores} {input.references} --out-dir {params.reports} --log {log}"
 
 
+rule summarise_readings:
+    input:
+        data="data/{run}/processed/{dataset}",
+        predictions=listed("summarise_readings", "predictions"),
+        readings=listed("summarise_readings", "readings"),
+        code=code_of("summarise_readings"),
+    output:
+        csv=report("reports/{run}/readings/{dataset}.csv", caption="../report/readings.rst", category="Readings", subcategory="{dataset}"),
+        md="reports/{run}/readings/{dataset}.md",
+        differences="reports/{run}/readings/{dataset}.differences.csv",
+        png=report(["reports/{run}/figures/{dataset}_readings_tv.png", "reports/{run}/figures/{dataset}_readings_items.png", "reports/{run}/figures/{dataset}_readings_finetune.png"], caption="../report/readings.rst", category="Readings", subcategory="{dataset}"),
+        pdf=["reports/{run}/figures/{dataset}_readings_tv.pdf", "reports/{run}/figures/{dataset}_readings_items.pdf", "reports/{run}/figures/{dataset}_readings_finetune.pdf"],
+    log:
+        "logs/summarise_readings/{run}/{dataset}.log",
+    params:
+        **params_of("summarise_readings"),
+    wildcard_constraints:
+        **constraints_of("summarise_readings"),
+    shell:
+        "python workflow/scripts/summarise_readings.py --config {params.config} --sections {params.sections}"
+        " --dataset {wildcards.dataset} --data-dir {input.data} --predictions {input.predictions}"
+        " --readings {input.readings} --table {output.csv} --markdown {output.md} --differences {output.differences}"
+        " --figures {params.figures} --log {log}"
+
+
 rule plot:
     input:
         results="reports/{run}/results.csv",

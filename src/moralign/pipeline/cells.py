@@ -21,6 +21,8 @@ ADAPTER = "models/{run}/adapters/{dataset}/{model}/{recipe}/seed-{seed}"
 ENCODER = "models/{run}/encoders/{dataset}/{model}/seed-{seed}"
 # {cell} = the condition, then /seed-<s> for a trained cell (one per training seed)
 PREDICTIONS = "results/{run}/predictions/{dataset}/{model}/{cell}"
+# the `sample` and `verbal` readings of a cell (docs/readings.md), beside its `logprob` predictions
+READINGS = "results/{run}/readings/{dataset}/{model}/{cell}"
 SCORES = "results/{run}/scores/{dataset}/{model}/{cell}.json"
 ITEM_SCORES = "results/{run}/scores/{dataset}/{model}/{cell}.items.parquet"
 REFERENCES = "results/{run}/scores/{dataset}/references.json"
@@ -29,6 +31,9 @@ FIGURE = "reports/{run}/figures/{dataset}_{kind}.{ext}"
 # API responses, keyed by request: outside every declared output (orchestrators delete those before a rerun), so
 # reruns and interrupted runs never pay twice; shared by every run and cell.
 API_CACHE = "cache/openai"
+# Raw completions of the local models' readings, keyed by the whole request (moralign.readings.cache): the same
+# reasons, so a changed parser or a rerun never generates twice.
+GENERATION_CACHE = "cache/generations"
 
 
 Instance = dict[str, str]
@@ -106,6 +111,33 @@ def backend_cells(backend: backends.Backend) -> Callable[[Config], list[Instance
     """The untrained cells of one backend's models (with the response cache where the backend keeps one)."""
     extra = {"cache": API_CACHE} if "cache" in backend.extract_inputs else {}
     return lambda cfg: [{**i, **extra} for i in base_cells(cfg, models_of(backend.name))]
+
+
+def read_cells(backend: backends.Backend) -> Callable[[Config], list[Instance]]:
+    """The untrained cells of one backend's models whose readings are drawn, with the cache each reads through."""
+    cache = {"cache": API_CACHE} if "cache" in backend.extract_inputs else {"cache": GENERATION_CACHE}
+
+    def cells(cfg: Config) -> list[Instance]:
+        models = [m for m in cfg.read_models() if cfg.backend(m) == backend.name]
+        return [{**i, **cache} for i in base_cells(cfg, lambda _: models)]
+
+    return cells
+
+
+def read_tuned_cells(cfg: Config) -> list[Instance]:
+    """The fine-tuned cells whose readings are drawn."""
+    models = cfg.read_models()
+    return [{**i, "cache": GENERATION_CACHE} for i in tuned_cells(cfg) if i["model"] in models]
+
+
+def read_run_cells(cfg: Config, pattern: str = READINGS, dataset: str = "{dataset}") -> list[str]:
+    """``pattern`` for every read cell of the run (of one dataset, or of ``{dataset}``), in table order."""
+    return [
+        pattern.format(run="{run}", dataset=dataset, model=m, cell=cell_name(c, s))
+        for m in cfg.read_models()
+        for c in cfg.conditions_of(m)
+        for s in cfg.seeds_of(m, c)
+    ]
 
 
 def encoder_cells(cfg: Config) -> list[Instance]:

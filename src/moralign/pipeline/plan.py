@@ -98,9 +98,9 @@ class Plan:
         return "\n".join(lines)
 
     def targets(self) -> list[str]:
-        """Everything a run produces: the table in every format, the DVC metrics file and every figure."""
+        """Everything a run produces: the tables in every format, the DVC metrics file and every figure."""
         out = []
-        for name in ("summarise", "plot"):
+        for name in ("summarise", "plot", "summarise_readings"):
             stage = BY_NAME[name]
             for instance in self.instances(stage):
                 for value in self.outputs(stage).values():

@@ -26,14 +26,17 @@ from typing import Any
 from moralign import backends
 from moralign.config import CONDITION_TRAINED, Config
 from moralign.data import ARCHIVES, TASKS
+from moralign.figures import READING_FIGURES
 from moralign.pipeline.cells import (
     ADAPTER,
     BASE_MODEL,
     ENCODER,
+    FIGURE,
     ITEM_SCORES,
     PREDICTIONS,
     PROCESSED,
     RAW,
+    READINGS,
     REFERENCES,
     REPORTS,
     SCORES,
@@ -48,6 +51,9 @@ from moralign.pipeline.cells import (
     keys_but_seeds,
     local_models,
     model_instance,
+    read_cells,
+    read_run_cells,
+    read_tuned_cells,
     run_cells,
     tuned_cells,
 )
@@ -173,6 +179,42 @@ def _extract_stage(backend: backends.Backend) -> Stage:
     )
 
 
+# What the read steps load and draw with: the model as extract loads it, and the readings' own settings.
+READ_SECTIONS = (
+    "experiment.readings",
+    "experiment.eval_split",
+    *(f"extract.{k}" for k in ("device", "dtype", "quantization", "max_length", "threads", "debias")),
+    *(f"readings.{k}" for k in ("max_items", "sample", "verbal", "max_rows", "token_budget")),
+    "prompts.{dataset}",
+    "{model_section}",
+)
+READ_ARGS = "--model {model} --dataset {dataset} --data-dir {input.data} --cache-dir {cache}"
+
+
+def _read_stage(backend: backends.Backend) -> Stage:
+    """The read stage of a backend's untrained conditions: ``sample`` and ``verbal`` (docs/readings.md)."""
+    local = backend.local_weights
+    base = "base" in backend.extract_inputs
+    return Stage(
+        name=backend.read_stage or "",
+        script="read",
+        wildcards=("dataset", "model", "condition"),
+        instances=read_cells(backend),
+        inputs={"data": PROCESSED, **({"base": BASE_MODEL} if base else {})},
+        outputs={"readings": cell_path(READINGS, "{condition}")},
+        folders=("readings",),
+        sections=READ_SECTIONS,
+        args=READ_ARGS
+        + " --condition {condition}"
+        + (" --base {input.base}" if base else "")
+        + " --out-dir {output.readings}",
+        device_section="extract" if local else None,
+        threads_section="extract" if local else None,
+        extra_modules=(backend.module,),
+        resources=backend.resources,
+    )
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="download",
@@ -288,6 +330,25 @@ STAGES: tuple[Stage, ...] = (
         threads_section="extract",
         extra_modules=("moralign.predictors.encoder",),
     ),
+    *(_read_stage(b) for b in backends.BACKENDS.values() if b.read_stage),
+    Stage(
+        name="read_tuned",
+        script="read",
+        wildcards=("dataset", "model", "recipe", "seed"),
+        # on the base weights the adapter was trained on, as extract_tuned scores it
+        instances=read_tuned_cells,
+        inputs={"data": PROCESSED, "base": BASE_MODEL, "adapter": ADAPTER},
+        outputs={"readings": cell_path(READINGS, "{recipe}", "{seed}")},
+        folders=("readings",),
+        sections=READ_SECTIONS,
+        args=(
+            READ_ARGS + " --condition {recipe} --base {input.base} --adapter {input.adapter}"
+            " --base-quantization {quantization} --out-dir {output.readings}"
+        ),
+        device_section="extract",
+        threads_section="extract",
+        extra_modules=("moralign.predictors.hf",),
+    ),
     _score_stage("score_base", ("dataset", "model", "condition"), base_cells, "{condition}"),
     Stage(
         name="score_tuned",
@@ -360,6 +421,46 @@ STAGES: tuple[Stage, ...] = (
                     "labels": {"table": "fine-tuned minus base (CSV)"},
                 },
             ),
+        ),
+    ),
+    Stage(
+        name="summarise_readings",
+        group="report",
+        wildcards=("dataset",),
+        instances=lambda cfg: [
+            {"dataset": d, "figures": f"{REPORTS.format(run=cfg.run)}/figures"}
+            for d in cfg.datasets
+            if cfg.read_models()
+        ],
+        inputs=lambda cfg: {
+            "data": PROCESSED,
+            # the logprob reading of every read cell, then its sample and verbal readings, in the same order
+            "predictions": read_run_cells(cfg, PREDICTIONS),
+            "readings": read_run_cells(cfg),
+        },
+        outputs={
+            "csv": f"{REPORTS}/readings/{{dataset}}.csv",
+            "md": f"{REPORTS}/readings/{{dataset}}.md",
+            "differences": f"{REPORTS}/readings/{{dataset}}.differences.csv",
+            "png": [FIGURE.format(run="{run}", dataset="{dataset}", kind=k, ext="png") for k in READING_FIGURES],
+            "pdf": [FIGURE.format(run="{run}", dataset="{dataset}", kind=k, ext="pdf") for k in READING_FIGURES],
+        },
+        sections=(
+            *SUMMARY_SECTIONS,
+            "readings.models",
+            "readings.max_items",
+            "readings.sample.n_draws",
+            "readings.smoothing",
+            "score",
+        ),
+        args=(
+            "--dataset {dataset} --data-dir {input.data} --predictions {input.predictions}"
+            " --readings {input.readings} --table {output.csv} --markdown {output.md}"
+            " --differences {output.differences} --figures {figures}"
+        ),
+        report_items=(
+            ("csv", {"caption": "../report/readings.rst", "category": "Readings", "subcategory": "{dataset}"}),
+            ("png", {"caption": "../report/readings.rst", "category": "Readings", "subcategory": "{dataset}"}),
         ),
     ),
     Stage(

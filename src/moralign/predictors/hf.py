@@ -7,6 +7,7 @@ binary items are also scored with their two options exchanged and the two distri
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,36 +106,63 @@ def base_quantization(settings: dict[str, Any], condition: str, adapter_dir: Pat
     return "4bit" if condition == CONDITION_BASE_4BIT else settings["quantization"]
 
 
-def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> HFPredictor:
-    """Load the cell's base model (and adapter) from the folders fetch_model and finetune wrote."""
+@dataclass(frozen=True)
+class LoadedCell:
+    """A cell's model as extract loads it: the weights (adapter applied), tokenizer, prompt builder, provenance.
+
+    ``provenance`` names the weights (``base``: the base model's identity; ``adapter``: the trained adapter's,
+    with its hash) and the runtime; it is the model identity of the readings' generation cache too.
+    """
+
+    model: Any
+    tokenizer: Any
+    builder: PromptBuilder
+    quantization: str
+    provenance: dict[str, Any]
+
+
+def load_cell(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> LoadedCell:
+    """Load the cell's base model (and adapter) from the folders fetch_model and finetune wrote.
+
+    Reads ``extract.{device, dtype, quantization, threads}`` only (the read steps declare no more).
+    """
     from moralign.modelfiles import base_identity, check_adapter, check_model_folder, trained_identity
     from moralign.modeling import configure_torch, load_model, load_tokenizer, resolve_device, resolve_dtype
 
-    quantization = base_quantization(cfg["extract"], condition, inputs.adapter_dir)
+    extract = cfg["extract"]
+    quantization = base_quantization(extract, condition, inputs.adapter_dir)
     if inputs.base_quantization is not None and inputs.base_quantization != quantization:
         raise DataError(
             f"{inputs.adapter_dir}: trained on a base with quantization {quantization!r}, but the plan scores it on "
             f"{inputs.base_quantization!r} (finetune.quantization changed since it was trained? rerun finetune)"
         )
-    settings = {**cfg["extract"], "quantization": quantization}
     check_model_folder(inputs.base_dir, cfg.model(model)["chat_template"])
     if inputs.adapter_dir is not None:
         check_adapter(inputs.adapter_dir, inputs.base_dir)
-    device = resolve_device(settings["device"])
-    runtime = configure_torch(settings["threads"], device)
-    dtype = resolve_dtype(settings["dtype"], device)
+    device = resolve_device(extract["device"])
+    runtime = configure_torch(extract["threads"], device)
+    dtype = resolve_dtype(extract["dtype"], device)
     tokenizer = load_tokenizer(str(inputs.base_dir))
-    lm = load_model(str(inputs.base_dir), None, device, dtype, settings["quantization"], inputs.adapter_dir)
+    lm = load_model(str(inputs.base_dir), None, device, dtype, quantization, inputs.adapter_dir)
     builder = PromptBuilder.from_config(cfg, model, dataset, pd.read_parquet(inputs.data_dir / "train.parquet"))
-    predictor = HFPredictor(lm, tokenizer, builder, settings)
-    predictor.provenance.update(
-        model=model,
-        base=base_identity(inputs.base_dir),
-        adapter=trained_identity(inputs.adapter_dir) if inputs.adapter_dir else None,
-        seed=training_log(inputs.adapter_dir)["hyperparameters"]["seed"] if inputs.adapter_dir else None,
-        condition=condition,
-        dataset=dataset,
-        runtime=runtime,
-        environment=environment(),
+    provenance = {
+        "model": model,
+        "base": base_identity(inputs.base_dir),
+        "adapter": trained_identity(inputs.adapter_dir) if inputs.adapter_dir else None,
+        "seed": training_log(inputs.adapter_dir)["hyperparameters"]["seed"] if inputs.adapter_dir else None,
+        "condition": condition,
+        "dataset": dataset,
+        "runtime": runtime,
+        "environment": environment(),
+    }
+    return LoadedCell(lm, tokenizer, builder, quantization, provenance)
+
+
+def build(cfg: Config, model: str, dataset: str, condition: str, inputs: CellInputs) -> HFPredictor:
+    """The cell's predictor: its model loaded by :func:`load_cell`, scored as ``extract`` says."""
+    cell = load_cell(cfg, model, dataset, condition, inputs)
+    predictor = HFPredictor(
+        cell.model, cell.tokenizer, cell.builder, {**cfg["extract"], "quantization": cell.quantization}
     )
+    predictor.provenance.update(cell.provenance)
     return predictor

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,11 +38,14 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from moralign import extraction as ex
 from moralign.prompts import PromptBuilder
 from moralign.readings.cache import Draw, GenerationCache, Request, canonical_json
 from moralign.readings.parse import VERSIONS, Parsed, parse_answer
+
+log = logging.getLogger(__name__)
 
 # An item whose valid draws are fewer than this share of its draws is an invalid item (reported, never dropped).
 MIN_VALID_SHARE = 2 / 3
@@ -312,8 +316,10 @@ def generate_cached(
         if cache is not None:
             cache.put(requests[i], draws)
         found[i] = draws
+        bar.update()
 
     if todo:
+        bar = tqdm(total=len(todo), desc=f"{requests[0].reading} draws", unit="item", leave=False, mininterval=2)
         streams = [
             uniforms(
                 requests[i].item_id, requests[i].reading, requests[i].seed, requests[i].n_draws, decoding.max_new_tokens
@@ -327,6 +333,13 @@ def generate_cached(
             decoding,
             None if factories is None else (lambda t, k: factories[t](k)),
             on_done=store,
+        )
+        bar.close()
+        log.info(
+            "%s reading: %d items generated, %d from the cache",
+            requests[0].reading,
+            len(todo),
+            len(requests) - len(todo),
         )
     return found
 

@@ -1,0 +1,95 @@
+"""summarise_readings: the readings table, its differences and its three figures, for one dataset.
+
+Every read cell of the run (model x condition x seed) contributes its ``logprob`` reading (extract's predictions
+of the eval split) and its ``sample`` and ``verbal`` readings (the read step's frames); moralign.readings.report
+scores them against the human votes of the same items.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from moralign.config import Config
+from moralign.data import evaluated_items
+from moralign.errors import DataError
+from moralign.figures import READING_FIGURES
+from moralign.io import read_json
+from moralign.pipeline.cells import cell_name
+from moralign.readings.report import ReadingCell, ReportSettings, write_report
+
+log = logging.getLogger(__name__)
+
+
+def _frame(path: Path, ids: pd.Series) -> pd.DataFrame:
+    """A predictions frame restricted to the items read (first ``readings.max_items`` of the eval split)."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing (the step that writes it did not finish?)")
+    frame = pd.read_parquet(path)
+    return frame[frame["id"].isin(ids)].reset_index(drop=True)
+
+
+def load_cells(
+    cfg: Config, items: pd.DataFrame, pred_dirs: list[Path], read_dirs: list[Path], split: str
+) -> list[ReadingCell]:
+    """Every reading of every read cell, in table order; the folders must be the run's cells in that order."""
+    keys = [(m, c, s) for m in cfg.read_models() for c in cfg.conditions_of(m) for s in cfg.seeds_of(m, c)]
+    if not len(keys) == len(pred_dirs) == len(read_dirs):
+        raise DataError(
+            f"{len(keys)} read cells in the configuration but {len(pred_dirs)} prediction and {len(read_dirs)} "
+            "readings folders were given"
+        )
+    cells = []
+    for (model, condition, seed), pred_dir, read_dir in zip(keys, pred_dirs, read_dirs, strict=True):
+        tail = f"{model}/{cell_name(condition, seed)}"
+        for folder in (pred_dir, read_dir):
+            if not folder.as_posix().endswith(tail):
+                raise DataError(f"{folder}: expected the folder of cell {tail}")
+        read_split = read_json(read_dir / "summary.json")["split"]
+        if read_split != split:
+            raise DataError(f"{read_dir}/summary.json: read on split {read_split!r}, the run evaluates {split!r}")
+        seed_text = None if seed is None else str(seed)
+        cells.append(
+            ReadingCell(model, condition, seed_text, "logprob", _frame(pred_dir / f"{split}.parquet", items["id"]))
+        )
+        for reading in cfg.readings:
+            frame = _frame(read_dir / f"{reading}.parquet", items["id"])
+            cells.append(ReadingCell(model, condition, seed_text, reading, frame))
+    return cells
+
+
+def run(
+    cfg: Config,
+    dataset: str,
+    data_dir: Path,
+    pred_dirs: list[Path],
+    read_dirs: list[Path],
+    table: Path,
+    markdown: Path,
+    differences: Path,
+    figures_dir: Path,
+) -> None:
+    """Write the dataset's readings table (CSV, Markdown), its differences (CSV) and figures (PNG, PDF)."""
+    split = cfg["experiment"]["eval_split"]
+    items = evaluated_items(pd.read_parquet(data_dir / f"{split}.parquet"), cfg["readings"]["max_items"])
+    cells = load_cells(cfg, items, pred_dirs, read_dirs, split)
+    settings = ReportSettings(
+        n_draws=cfg["readings"]["sample"]["n_draws"],
+        smoothing=cfg["readings"]["smoothing"],
+        resamples=cfg["score"]["bootstrap_resamples"],
+        seed=cfg["score"]["seed"],
+    )
+    write_report(
+        dataset,
+        items,
+        cells,
+        {r: cfg.baseline_of(r) for r in cfg.recipes},
+        settings,
+        table_csv=table,
+        table_md=markdown,
+        differences_csv=differences,
+        figure_stems={k.removeprefix("readings_"): figures_dir / f"{dataset}_{k}" for k in READING_FIGURES},
+    )
+    log.info("%s: readings of %d cells on %d items written to %s", dataset, len(cells), len(items), table)

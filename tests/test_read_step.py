@@ -1,0 +1,120 @@
+"""The read step (moralign.steps.read): one cell's `sample` and `verbal` readings, local and through an API.
+
+The library is tested in test_readings.py and test_readings_api.py; here, what the DAG relies on: the files a
+cell's readings folder holds, its provenance, rereading from the cache without generating, and the same files
+from an API model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+import yaml
+
+from moralign.config import validate
+from moralign.data import ARCHIVES
+from moralign.io import read_json
+from moralign.readings import sample as sample_mod
+from moralign.readings.parse import VERSIONS
+from moralign.steps import read
+from tests.conftest import ROOT
+from tests.test_readings_api import ReadingServer
+
+SMALL = {
+    "models": ["tiny-llama"],
+    "max_items": 4,
+    "sample": {"n_draws": 4, "max_new_tokens": 6, "seed": 0},
+    "verbal": {"n_draws": 2, "seed": 0, "format_items": 2},
+}
+
+
+def demo_config(**readings) -> dict:
+    raw = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    raw["readings"] = {**raw["readings"], **copy.deepcopy(SMALL), **readings}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def base(raw_dir, tmp_path_factory):
+    """The demo's tiny-llama, built by fetch_model as the DAG builds it."""
+    from moralign.steps import fetch_model
+
+    out = tmp_path_factory.mktemp("base") / "tiny-llama"
+    fetch_model.run(validate(demo_config()), "tiny-llama", [raw_dir / f"{a}.tar.gz" for a in ARCHIVES], out)
+    return out
+
+
+def frames(folder) -> dict[str, pd.DataFrame]:
+    return {r: pd.read_parquet(folder / f"{r}.parquet") for r in ("sample", "verbal", "format")}
+
+
+def test_a_local_cell_writes_every_reading_and_rereads_from_the_cache(base, processed, tmp_path, monkeypatch):
+    cfg = validate(demo_config())
+    args = ("tiny-llama", "anecdotes", "base", processed["anecdotes"])
+    summary = read.run(cfg, *args, tmp_path / "first", tmp_path / "cache", base)
+
+    got = frames(tmp_path / "first")
+    assert [len(f) for f in got.values()] == [4, 4, 2]
+    assert set(got["sample"]["n_draws"]) == {4} and set(got["verbal"]["n_draws"]) == {2}
+    test_ids = pd.read_parquet(processed["anecdotes"] / "test.parquet")["id"].head(4).tolist()
+    assert got["sample"]["id"].tolist() == test_ids  # the eval split's first max_items items
+    on_disk = read_json(tmp_path / "first" / "summary.json")
+    assert on_disk["split"] == "test" and on_disk["engine"] == "local"
+    assert on_disk["parser_versions"] == {"sample": VERSIONS["sample"], "verbal": VERSIONS["verbal"], "format": 1}
+    assert on_disk["provenance"]["base"]["built"] and on_disk["provenance"]["adapter"] is None
+    assert set(summary["readings"]) == {"sample", "verbal", "format"}
+    assert 0 <= summary["readings"]["verbal"]["valid_rate"] <= 1
+
+    # a rerun (the orchestrator deleted the folder) draws nothing: every completion comes from the cache
+    def refuse(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(sample_mod.Sampler, "generate", refuse)
+    read.run(cfg, *args, tmp_path / "again", tmp_path / "cache", base)
+    for name, frame in frames(tmp_path / "again").items():
+        pd.testing.assert_frame_equal(frame, got[name], obj=name)
+
+
+def test_only_the_configured_readings_are_drawn(base, processed, tmp_path):
+    raw = demo_config()
+    raw["experiment"]["readings"] = ["sample"]
+    read.run(
+        validate(raw),
+        "tiny-llama",
+        "dilemmas",
+        "base",
+        processed["dilemmas"],
+        tmp_path / "out",
+        None,
+        base,
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sample.parquet", "summary.json"]
+
+
+@pytest.fixture
+def server(httpserver):
+    return ReadingServer(httpserver)
+
+
+def test_an_api_cell_writes_the_same_files_through_the_response_cache(server, processed, tmp_path):
+    from tests.test_openai import api_config
+
+    raw = api_config(server.base_url, api_key_env=None)
+    raw["readings"] = {**raw["readings"], **copy.deepcopy(SMALL), "models": ["fake-4o"]}
+    cfg = validate(raw)
+    args = ("fake-4o", "dilemmas", "base", processed["dilemmas"])
+    summary = read.run(cfg, *args, tmp_path / "first", tmp_path / "cache")
+    got = frames(tmp_path / "first")
+    assert [len(f) for f in got.values()] == [4, 4, 2]
+    assert summary["engine"] == "api" and summary["provenance"]["model"] == "fake-4o"
+    # one request per item and reading, n = the draws; verbal's carries the JSON schema
+    bodies = server.calls
+    assert sorted(b["n"] for b in bodies) == [1, 1, 2, 2, 2, 2, 4, 4, 4, 4]
+    assert sum("response_format" in b for b in bodies) == 4
+    calls = len(server.calls)
+    read.run(cfg, *args, tmp_path / "again", tmp_path / "cache")
+    assert len(server.calls) == calls  # every response came from the cache
+    for name, frame in frames(tmp_path / "again").items():
+        pd.testing.assert_frame_equal(frame, got[name], obj=name)
