@@ -1,9 +1,15 @@
-"""Shared pieces of the benchmarks: the Llama-3.1-8B shape, random models, FLOP counts."""
+"""Shared pieces of the benchmarks: the Llama-3.1-8B shape, random models, prompt lengths, FLOP counts, and what
+an extraction engine computes (its padding efficiency and the bare forward pass over the same inputs)."""
 
 import time
+from typing import Any
 
+import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from moralign.extraction import Scorer, make_batches, pad_batch
+from moralign.extraction_packed import PackedScorer
 
 # Llama-3.1-8B (meta-llama/Llama-3.1-8B-Instruct config.json), weights random: nothing is downloaded.
 LLAMA_31_8B = dict(
@@ -29,6 +35,19 @@ TINY = dict(
     tie_word_embeddings=False,
 )
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, SXM parts
+# Scruples anecdotes rendered in a Llama 3.1 chat template, in tokens: lognormal (median, sigma), clipped
+ANECDOTE_LENGTHS = {"median": 420, "sigma": 0.45, "min": 64, "max": 2048}
+
+
+def anecdote_lengths(n: int, seed: int = 0, scale: int = 1) -> np.ndarray:
+    """``n`` prompt lengths of the anecdotes distribution; ``scale`` > 1 divides them for tiny shapes (16..512).
+
+    The distribution gpu_extract.py draws from (the one the GPU extraction figures were measured on).
+    """
+    d = ANECDOTE_LENGTHS
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(d["median"]), d["sigma"], size=n).astype(int), d["min"], d["max"])
+    return lengths if scale == 1 else np.clip(lengths // scale, 16, 512)
 
 
 def random_llama(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
@@ -94,3 +113,54 @@ class Timer:
     def __exit__(self, *exc):
         synchronize(self.device)
         self.seconds = time.perf_counter() - self.t0
+
+
+def engine_passes(scorer: Scorer, lengths: list[int]) -> list[list[list[int]]]:
+    """The forward passes ``scorer`` runs on prompts of ``lengths`` (no shared prefix): per pass its rows, per row
+    its prompt indices (the padded engine puts one prompt in a row, the packed engine several)."""
+    if isinstance(scorer, PackedScorer):
+        return scorer.layout([[0] * n for n in lengths])
+    return [[[i] for i in batch] for batch in make_batches(lengths, scorer.token_budget, scorer.max_batch_size)]
+
+
+def padding_efficiency(scorer: Scorer, lengths: list[int]) -> dict[str, Any]:
+    """Real tokens over the tokens the engine's forward passes compute (rows x widest row, padding included)."""
+    passes = engine_passes(scorer, lengths)
+    computed = sum(len(rows) * max(sum(lengths[i] for i in row) for row in rows) for rows in passes)
+    real = int(sum(lengths))
+    return {
+        "real_tokens": real,
+        "computed_tokens": computed,
+        "padding_efficiency": real / computed,
+        "forward_passes": len(passes),
+    }
+
+
+def bare_forward_inputs(scorer: Scorer, prompts: list[list[int]]) -> list[dict[str, Any]]:
+    """The model inputs of the engine's forward passes over ``prompts``, built ahead of time.
+
+    Timing :func:`bare_forward` over them gives the ceiling the engine is compared with: the same tokens in the
+    same passes (padded rows, or packed rows with their document mask), logits at the positions read, nothing else.
+    """
+    lengths = [len(p) for p in prompts]
+    device = scorer.device
+    out = []
+    for rows in engine_passes(scorer, lengths):
+        if isinstance(scorer, PackedScorer):
+            batch, document, ends = scorer.inputs([[prompts[i] for i in row] for row in rows], 0)
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            inputs["attention_mask"] = scorer.mask(document.to(device), 0, next(scorer.model.parameters()).dtype)
+            inputs["logits_to_keep"] = torch.tensor(sorted(set((ends - 1).tolist())), device=device)
+        else:
+            batch = pad_batch([prompts[i] for row in rows for i in row], scorer.pad_id)
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            inputs["logits_to_keep"] = 1
+        out.append(inputs)
+    return out
+
+
+def bare_forward(model, inputs: list[dict[str, Any]]) -> None:
+    """The forward passes of :func:`bare_forward_inputs`, with nothing else."""
+    with torch.inference_mode():
+        for batch in inputs:
+            model(**batch, use_cache=False)

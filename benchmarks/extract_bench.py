@@ -18,6 +18,17 @@ prompts (dilemmas from the synthetic sample, chat template, system text), zero-s
   fixed batch size (its `auto` probing costs more than the run here);
 - ceiling: the bare batched forward pass over the same tokens and batches (left padded, last position only).
 
+Without lm-evaluation-harness installed its rows are left out and the rest runs (the project's own environment).
+
+First, on the Scruples anecdotes length distribution (random tokens, no shared prefix; benchmarks/common.py), both
+engines' padding efficiency (real tokens / tokens the forward passes compute) and their throughput against the
+bare forward pass over the same inputs (the same padded batches, or the same packed rows with their document mask;
+the target is at least 0.9x): on --anecdotes prompts here, and the padding efficiency at the GPU settings of
+benchmarks/gpu_suite.py (2,500 prompts, token budget 65,536, packed rows as long as the budget, as FlexAttention
+runs them). A small setting, under a minute and a half on one core (docs/performance.md shows its output):
+
+    python benchmarks/extract_bench.py --items 40 --anecdotes 48 --repeats 3 --threads 1
+
 Every figure is the median of --repeats runs after a warm-up.
 """
 
@@ -30,8 +41,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from common import anecdote_lengths, bare_forward, bare_forward_inputs, padding_efficiency
 
 from moralign import extraction as ex
+from moralign import extraction_packed as xp
 from moralign.data import TASKS, prepare
 from moralign.modeling import load_model, load_tokenizer
 from moralign.prompts import PromptBuilder, select_shots
@@ -74,6 +87,49 @@ def ceiling(model, rows: list[list[int]], budget: int, max_batch: int) -> None:
             model(**ex.pad_batch([rows[i] for i in batch], 0), logits_to_keep=1, use_cache=False)
 
 
+def padding(model, args) -> None:
+    """Padding efficiency of both engines on the anecdotes length distribution, and each against the bare forward."""
+    lengths = anecdote_lengths(args.anecdotes, seed=0).tolist()
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(10, model.config.vocab_size, size=n).tolist() for n in lengths]
+    answers = ex.AnswerTokens(("Yes", "No"), ((9,), (11,)), (("Yes",), ("No",)))
+    tokens = sum(lengths)
+    print(
+        f"\n== anecdotes length distribution: {len(prompts)} prompts of {tokens / len(prompts):.0f} tokens on average "
+        f"(lognormal, median 420), random tokens, no shared prefix; token budget {args.token_budget}"
+    )
+    engines = {
+        "padded": ex.Scorer(model, 0, args.token_budget, args.batch_size),
+        "packed": xp.PackedScorer(model, 0, args.token_budget, args.batch_size),
+    }
+    for name, scorer in engines.items():
+        eff = padding_efficiency(scorer, lengths)
+        inputs = bare_forward_inputs(scorer, prompts)
+        engine_s = timed(lambda s=scorer: s.score_tokens(prompts, answers), args.repeats)
+        bare_s = timed(lambda i=inputs: bare_forward(model, i), args.repeats)
+        print(
+            f"  {name:<7} padding efficiency {eff['padding_efficiency']:.3f} ({eff['real_tokens']:,} real / "
+            f"{eff['computed_tokens']:,} computed tokens, {eff['forward_passes']} forward passes); engine "
+            f"{tokens / engine_s:,.0f} tokens/s, bare forward {tokens / bare_s:,.0f} tokens/s: "
+            f"engine / bare forward = {bare_s / engine_s:.2f}x"
+        )
+    gpu = anecdote_lengths(2500, seed=0).tolist()
+    at_gpu = {
+        "padded": ex.Scorer(model, 0, 65536, 128),
+        "packed (rows of 65,536, FlexAttention)": xp.PackedScorer(model, 0, 65536, 128, pack_length=65536),
+        f"packed (rows of {xp.DENSE_PACK_LENGTH:,}, dense mask)": xp.PackedScorer(
+            model, 0, 65536, 128, pack_length=xp.DENSE_PACK_LENGTH
+        ),
+    }
+    print("  at the GPU settings (2,500 prompts, token budget 65,536, 128 rows; layout only):")
+    for name, scorer in at_gpu.items():
+        eff = padding_efficiency(scorer, gpu)
+        print(
+            f"    {name:<38} padding efficiency {eff['padding_efficiency']:.3f} ({eff['real_tokens']:,} real / "
+            f"{eff['computed_tokens']:,} computed tokens, {eff['forward_passes']} forward passes)"
+        )
+
+
 def naive(model, rows: list[list[int]]) -> None:
     for r in rows:
         with torch.inference_mode():
@@ -87,6 +143,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--token-budget", type=int, default=8192)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--anecdotes", type=int, default=64, help="prompts of the padding-efficiency comparison")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="moralign-bench-"))
@@ -104,23 +161,25 @@ def main() -> None:
     train = pd.read_parquet(work / "dilemmas/train.parquet")
     dev = pd.read_parquet(work / "dilemmas/dev.parquet")
     answers = ex.answer_variants(tok, SPEC["answers"])
-
-    from lm_eval.models.huggingface import HFLM
-
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, device="cpu")
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        HFLM = None
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, device="cpu") if HFLM else None
     print(
         f"CPU threads: {torch.get_num_threads()}; model: tiny Llama, {sum(p.numel() for p in model.parameters()):,}"
         f" parameters, vocabulary {len(tok)}; {len(dev)} dilemmas; batch size {args.batch_size}, "
         f"token budget {args.token_budget}"
+        + ("" if lm else "; lm-evaluation-harness not installed: its rows are left out (see the docstring)")
     )
+    padding(model, args)
     for shots in (0, 3):
         case(shots, model, tok, lm, train, dev, answers, args)
 
 
 def case(shots: int, model, tok, lm, train: pd.DataFrame, dev: pd.DataFrame, answers, args) -> None:
-    """Time every method on the dev prompts with ``shots`` few-shot examples and print the figures."""
-    from lm_eval.api.instance import Instance
-
+    """Time every method on the dev prompts with ``shots`` few-shot examples and print the figures (lm-eval's
+    only where ``lm`` is given)."""
     spec = {**SPEC, "n_shots": shots}
     builder = PromptBuilder(TASKS["dilemmas"], spec, chat=True, shots=select_shots(train, shots, 0))
     prompts = [builder.encode(tok, r) for _, r in dev.iterrows()]
@@ -128,31 +187,35 @@ def case(shots: int, model, tok, lm, train: pd.DataFrame, dev: pd.DataFrame, ans
     tokens = sum(len(r) for r in rows)
     engine = ex.Scorer(model, tok.pad_token_id, args.token_budget, args.batch_size)
     no_reuse = ex.Scorer(model, tok.pad_token_id, args.token_budget, args.batch_size, reuse_prefix=False)
-    requests = [Instance("loglikelihood", {}, (t, a), idx=k) for t in texts for k, a in enumerate(spec["answers"])]
-    # agreement first. lm-eval moves the prompt's trailing whitespace ("\n\n" after the Llama-3 header) into
-    # the continuation and scores "\n\nA" as a whole; the engine's continuation route scores the same pairs.
-    lm_scores = np.array([ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)])
-    pairs = [ex.continuation(tok, t.rstrip(), t[len(t.rstrip()) :] + a) for t in texts for a in spec["answers"]]
-    ours = engine.score_sequences(pairs)
     secs = {
         "engine": timed(lambda: engine.score_tokens(rows, answers), args.repeats),
         "engine, no prefix reuse": timed(lambda: no_reuse.score_tokens(rows, answers), args.repeats),
         "naive": timed(lambda: naive(model, rows), max(1, args.repeats // 2)),
-        "lm-eval": timed(lambda: lm.loglikelihood(requests, disable_tqdm=True), args.repeats),
         "ceiling": timed(lambda: ceiling(model, rows, args.token_budget, args.batch_size), args.repeats),
     }
+    agreement = ""
+    if lm is not None:
+        from lm_eval.api.instance import Instance
+
+        requests = [Instance("loglikelihood", {}, (t, a), idx=k) for t in texts for k, a in enumerate(spec["answers"])]
+        # agreement first. lm-eval moves the prompt's trailing whitespace ("\n\n" after the Llama-3 header) into
+        # the continuation and scores "\n\nA" as a whole; the engine's continuation route scores the same pairs.
+        lm_scores = np.array([ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True)])
+        pairs = [ex.continuation(tok, t.rstrip(), t[len(t.rstrip()) :] + a) for t in texts for a in spec["answers"]]
+        ours = engine.score_sequences(pairs)
+        agreement = f"; max |engine - lm-eval| log-prob {np.abs(ours - lm_scores).max():.2e}"
+        secs["lm-eval"] = timed(lambda: lm.loglikelihood(requests, disable_tqdm=True), args.repeats)
     print(
         f"\n== {shots}-shot prompts: {tokens / len(rows):.0f} tokens each on average, "
-        f"shared prefix {ex.common_prefix_length(rows)} tokens; "
-        f"max |engine - lm-eval| log-prob {np.abs(ours - lm_scores).max():.2e}"
+        f"shared prefix {ex.common_prefix_length(rows)} tokens{agreement}"
     )
     for name, s in secs.items():
         print(f"  {name:<24} {len(rows) / s:8.1f} items/s  {tokens / s:10,.0f} tokens/s  ({s:.3f} s)")
+    versus_lm = f"engine / lm-eval = {secs['lm-eval'] / secs['engine']:.2f}x; " if "lm-eval" in secs else ""
     print(
         f"  engine without prefix reuse / ceiling (same tokens) = "
         f"{secs['ceiling'] / secs['engine, no prefix reuse']:.2f}x; "
-        f"engine / ceiling = {secs['ceiling'] / secs['engine']:.2f}x speed; "
-        f"engine / lm-eval = {secs['lm-eval'] / secs['engine']:.2f}x; "
+        f"engine / ceiling = {secs['ceiling'] / secs['engine']:.2f}x speed; {versus_lm}"
         f"engine / naive = {secs['naive'] / secs['engine']:.2f}x"
     )
 
