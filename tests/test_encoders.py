@@ -549,7 +549,7 @@ def test_figures_place_a_trained_only_model_beside_the_chat_models(tmp_path, mon
         ]
     )
     seen = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, stem: seen.setdefault("fig", []).append(fig) or [])
+    monkeypatch.setattr(figures, "save_figure", lambda fig, stem: seen.setdefault("fig", []).append(fig) or [])
     figures.bar_figure(long, "d", "xentropy", tmp_path / "bars")
     ax = seen["fig"][0].axes[0]
     bars = [c for c in ax.containers if hasattr(c, "patches")]

@@ -26,7 +26,7 @@ def test_best_is_drawn_only_where_it_is_a_floor(tmp_path, monkeypatch, metric, d
         seen["labels"] = fig.axes[0].get_legend_handles_labels()[1]
         return []
 
-    monkeypatch.setattr(figures, "_save", keep)
+    monkeypatch.setattr(figures, "save_figure", keep)
     figures.bar_figure(long, "d", metric, tmp_path / "bars")
     lines = {label.split(" ")[0] for label in seen["labels"] if label not in ("base", "soft")}
     assert lines == drawn
@@ -49,6 +49,6 @@ def test_the_differences_figure_shows_each_recipe_against_its_base(tmp_path, mon
         seen["ticks"] = [t.get_text() for t in fig.axes[0].get_yticklabels()]
         return []
 
-    monkeypatch.setattr(figures, "_save", keep)
+    monkeypatch.setattr(figures, "save_figure", keep)
     figures.differences_figure(diffs, "d", tmp_path / "differences")
     assert seen["ticks"] == ["m / votes", "m / soft"]

@@ -44,6 +44,31 @@ def training_parser(doc: str | None, seeds: str) -> argparse.ArgumentParser:
     return p
 
 
+def cell_parser(doc: str | None) -> argparse.ArgumentParser:
+    """:func:`parser` plus what every step that reads one cell's model takes (extract, read).
+
+    The cell (model, dataset, condition), its data and output folder, and where its model comes from: the base
+    folder and adapter of a local model, or the response cache of an API model.
+    """
+    p = parser(doc)
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--condition", required=True)
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--base", type=Path, help="folder of the base model (fetch_model's output; local models)")
+    p.add_argument("--adapter", type=Path, help="adapter folder (fine-tuned conditions)")
+    p.add_argument(
+        "--base-quantization",
+        choices=["none", "4bit"],
+        help="the base weights an adapter was trained on, as planned (an adapter trained otherwise is an error)",
+    )
+    p.add_argument(
+        "--cache-dir", type=Path, help="response (API) or generation cache, outside the step's declared outputs"
+    )
+    return p
+
+
 def start(args: argparse.Namespace) -> Config:
     """Set up logging; load and validate the configuration, cut down to the step's declared sections."""
     setup_logging(args.log)

@@ -16,7 +16,8 @@ COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00")
 HATCHES = ("", "//", "..", "xx", "\\\\", "++")
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported only when a figure is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +27,7 @@ def _plt():
     return plt
 
 
-def _grouped_bars(plt: Any, cells: pd.DataFrame, height: float, intervals: bool) -> tuple[Any, Any, list[str]]:
+def grouped_bars(plt: Any, cells: pd.DataFrame, height: float, intervals: bool) -> tuple[Any, Any, list[str]]:
     """One group of bars per model, one bar per condition (colour and hatch), optionally with 95 % intervals.
 
     A model's bars are centred on its name whatever conditions it has (an encoder baseline has only ``trained``).
@@ -70,10 +71,10 @@ def reference_levels(metric: str) -> dict[str, tuple[str, str]]:
 
 def bar_figure(long: pd.DataFrame, dataset: str, metric: str, out_stem: Path) -> list[Path]:
     """Before/after bars per model for one metric with intervals, and :func:`reference_levels` as lines."""
-    plt = _plt()
+    plt = pyplot()
     d = long[(long["dataset"] == dataset) & (long["metric"] == metric)]
     models = d[d["kind"] == "model"]
-    fig, ax, names = _grouped_bars(plt, models, height=3.6, intervals=True)
+    fig, ax, names = grouped_bars(plt, models, height=3.6, intervals=True)
     refs = d[d["kind"] == "reference"].set_index("model")["value"]
     for name, (label, style) in reference_levels(metric).items():
         if name in refs:
@@ -82,11 +83,12 @@ def bar_figure(long: pd.DataFrame, dataset: str, metric: str, out_stem: Path) ->
     ax.set_ylabel(f"{metric} ({'lower' if metrics.lower_is_better(metric) else 'higher'} is better)")
     ax.set_title(f"{dataset}: {metric} before and after fine-tuning (95 % CI)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    return _save(fig, out_stem)
+    return save_figure(fig, out_stem)
 
 
-def _save(fig: Any, stem: Path) -> list[Path]:
-    plt = _plt()
+def save_figure(fig: Any, stem: Path) -> list[Path]:
+    """Write ``fig`` as ``stem``.png and .pdf (atomically) and close it; the paths written."""
+    plt = pyplot()
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in (".png", ".pdf"):
@@ -115,7 +117,7 @@ def reliability_figure(
     bins: int = 10,
 ) -> list[Path]:
     """Model probability of one choice (binned) against the mean human probability, with bin counts."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, axn) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect agreement")
     edges = np.linspace(0, 1, bins + 1)
@@ -143,7 +145,7 @@ def reliability_figure(
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     axn.set_xlabel(f"model P({choice}), in {bins} bins")
     axn.set_ylabel("items")
-    return _save(fig, out_stem)
+    return save_figure(fig, out_stem)
 
 
 def scatter_figure(
@@ -157,7 +159,7 @@ def scatter_figure(
 
     Columns follow ``conditions`` (default: as the labels first name them); conditions without cells are left out.
     """
-    plt = _plt()
+    plt = pyplot()
     labels = list(cells)
     models = list(dict.fromkeys(label.split(" / ")[0] for label in labels))
     present = list(dict.fromkeys(label.split(" / ")[1] for label in labels))
@@ -187,14 +189,14 @@ def scatter_figure(
                 ax.set_xlabel(f"model P({choice})", fontsize=8)
     fig.suptitle(f"{dataset}: per-item model vs human probability (darker = more items)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_stem)
+    return save_figure(fig, out_stem)
 
 
 def coverage_figure(long: pd.DataFrame, dataset: str, out_stem: Path) -> list[Path]:
     """Mean probability mass on valid answers per model and condition (log scale: small models put little there)."""
-    plt = _plt()
+    plt = pyplot()
     d = long[(long["dataset"] == dataset) & (long["metric"] == "coverage") & (long["kind"] == "model")]
-    fig, ax, names = _grouped_bars(plt, d, height=3.4, intervals=False)
+    fig, ax, names = grouped_bars(plt, d, height=3.4, intervals=False)
     ax.set_yscale("log")
     ax.set_ylim(top=1.5)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
@@ -202,7 +204,7 @@ def coverage_figure(long: pd.DataFrame, dataset: str, out_stem: Path) -> list[Pa
     ax.set_ylabel("coverage: P(any valid answer), log scale")
     ax.set_title(f"{dataset}: probability mass on the valid answers")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    return _save(fig, out_stem)
+    return save_figure(fig, out_stem)
 
 
 def differences_figure(
@@ -215,7 +217,7 @@ def differences_figure(
 
     Only the effects of fine-tuning (a recipe against its base); recipe-against-recipe rows stay in the table.
     """
-    plt = _plt()
+    plt = pyplot()
     d = diffs[(diffs["dataset"] == dataset) & diffs["metric"].isin(metric_names)]
     if "baseline" in d:
         d = d[d["baseline"].str.startswith("base")]
@@ -247,7 +249,7 @@ def differences_figure(
     axes[0][0].invert_yaxis()
     fig.suptitle(f"{dataset}: effect of fine-tuning (fine-tuned − base, paired 95 % CI)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_stem)
+    return save_figure(fig, out_stem)
 
 
 FIGURES = ("xentropy_bars", "dirichlet_bars", "reliability", "scatter", "coverage", "differences")

@@ -187,7 +187,8 @@ def results_frame(
     return frame
 
 
-def _fmt(value: float, low: float, high: float, decimals: int = 3) -> str:
+def format_interval(value: float, low: float, high: float, decimals: int = 3) -> str:
+    """``value [low, high]`` at ``decimals`` places; empty for a missing value."""
     if pd.isna(value):
         return ""
     if pd.isna(low):
@@ -225,7 +226,7 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     long["text"] = [
         BEST_MARK
         if blank
-        else _fmt(v, lo, hi, metrics.REGISTRY[m].decimals if m in metrics.REGISTRY else 3)
+        else format_interval(v, lo, hi, metrics.REGISTRY[m].decimals if m in metrics.REGISTRY else 3)
         + (f" {OWN_ALPHA_MARK}" if own else "")
         + ("*" if k == "model" and best.get((d, m)) == v else "")
         for v, lo, hi, k, d, m, blank, own in zip(

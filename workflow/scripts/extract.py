@@ -14,27 +14,13 @@ Examples:
 """
 
 import json
-from pathlib import Path
 
 from moralign import cli
 from moralign.steps import extract
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--condition", required=True)
-    p.add_argument("--data-dir", required=True, type=Path)
-    p.add_argument("--out-dir", required=True, type=Path)
-    p.add_argument("--base", type=Path, help="folder of the base model (fetch_model's output; local models)")
-    p.add_argument("--adapter", type=Path, help="adapter folder (fine-tuned conditions)")
-    p.add_argument(
-        "--base-quantization",
-        choices=["none", "4bit"],
-        help="the base weights an adapter was trained on, as planned (an adapter trained otherwise is an error)",
-    )
-    p.add_argument("--cache-dir", type=Path, help="response cache of API models (outside the declared outputs)")
+    p = cli.cell_parser(__doc__)
     p.add_argument("--dry-run", action="store_true", help="print the plan (requests, tokens, cost) and stop")
     args = p.parse_args(argv)
     cfg = cli.start(args)

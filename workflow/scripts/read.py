@@ -8,29 +8,13 @@ Examples:
     # --base-quantization 4bit; an API model (backend openai) takes --cache-dir cache/openai and no --base
 """
 
-from pathlib import Path
 
 from moralign import cli
 from moralign.steps import read
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--condition", required=True)
-    p.add_argument("--data-dir", required=True, type=Path)
-    p.add_argument("--out-dir", required=True, type=Path)
-    p.add_argument(
-        "--cache-dir", type=Path, help="generation (local) or response (API) cache, outside the declared outputs"
-    )
-    p.add_argument("--base", type=Path, help="folder of the base model (local models)")
-    p.add_argument("--adapter", type=Path, help="adapter folder (fine-tuned conditions)")
-    p.add_argument(
-        "--base-quantization",
-        choices=["none", "4bit"],
-        help="the base weights an adapter was trained on, as planned (an adapter trained otherwise is an error)",
-    )
+    p = cli.cell_parser(__doc__)
     args = p.parse_args(argv)
     read.run(
         cli.start(args),
