@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from moralign.config import load_config
 from moralign.pipeline import code as pipeline_code
@@ -251,3 +252,22 @@ def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_d
             assert planned["dvc"] == direct_dvc, rel
             assert planned["snakemake"] == _downstream(instances, direct), rel
     assert "up to date" in run(["dvc", "status"], dvc_repo).stdout
+
+
+@pytest.mark.parametrize("config", ["params.yaml", "config/demo.yaml"])
+def test_every_declared_section_is_written_in_the_config_file(config):
+    """DVC reads each declared key from the file itself (not the schema's defaults): a key left out of the file
+    fails `dvc repro` with "Parameters ... are missing", so both files DVC runs spell out every key a stage reads."""
+    from moralign.config import key_path
+
+    raw = yaml.safe_load((ROOT / config).read_text())
+    plan = Plan(load_config(config))
+    missing = set()
+    for stage in stages.STAGES:
+        for instance in plan.instances(stage):
+            for section in plan.sections(stage, instance):
+                try:
+                    key_path(raw, section)
+                except KeyError:
+                    missing.add((stage.name, section))
+    assert not missing, sorted(missing)
