@@ -118,3 +118,31 @@ def test_an_api_cell_writes_the_same_files_through_the_response_cache(server, pr
     assert len(server.calls) == calls  # every response came from the cache
     for name, frame in frames(tmp_path / "again").items():
         pd.testing.assert_frame_equal(frame, got[name], obj=name)
+
+
+def test_the_five_way_task_is_read_and_reported(base, processed, tmp_path):
+    """anecdotes-5way: five answers in every frame, and the report scores them against the five-way votes."""
+    from moralign.readings.report import ReadingCell, ReportSettings, score_readings
+    from tests.test_readings import FIVE_WAY
+
+    raw = demo_config()
+    raw["experiment"]["datasets"] = ["anecdotes-5way"]
+    raw["prompts"]["anecdotes-5way"] = FIVE_WAY
+    read.run(
+        validate(raw),
+        "tiny-llama",
+        "anecdotes-5way",
+        "base",
+        processed["anecdotes-5way"],
+        tmp_path / "out",
+        tmp_path / "cache",
+        base,
+    )
+    got = frames(tmp_path / "out")
+    assert all(len(p) == 5 for p in got["verbal"]["p"])  # every valid JSON names all five answers
+    assert all(len(c) == 5 for c in got["sample"]["counts"])
+    items = pd.read_parquet(processed["anecdotes-5way"] / "test.parquet").head(4)
+    cells = [ReadingCell("tiny-llama", "base", None, r, got[r]) for r in ("sample", "verbal")]
+    long = score_readings(items, cells, ReportSettings(n_draws=4, resamples=20))
+    verbal_tv = long[(long["reading"] == "verbal") & (long["metric"] == "tv")]["value"].item()
+    assert 0 <= verbal_tv <= 1

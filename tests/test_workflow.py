@@ -1,12 +1,14 @@
 """The workflow as users run it: Snakemake and DVC on the demo, plans of the paper configuration."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from moralign import metrics
-from moralign.figures import FIGURES
+from moralign.figures import FIGURES, READING_FIGURES
 from tests.conftest import ROOT, run
 
 
@@ -165,6 +167,32 @@ def test_demo_fine_tuning_learns_the_planted_signal(demo_run):
 
 
 @pytest.mark.slow
+def test_demo_reads_three_ways(demo_run):
+    """tiny-llama's three readings, base and fine-tuned, on both datasets: table, floor row and figures."""
+    reports = demo_run / "reports/demo"
+    for dataset in ("anecdotes", "dilemmas"):
+        long = pd.read_csv(reports / f"readings/{dataset}.csv")
+        cells = long[long["kind"] == "model"]
+        assert set(cells["condition"]) == {"base", "votes", "soft"} and set(cells["model"]) == {"tiny-llama"}
+        assert set(cells["reading"]) >= {"logprob", "sample", "verbal"}
+        assert {"uniform", "sampling floor"} <= set(long.loc[long["kind"] == "reference", "model"])
+        cells = cells[cells["seed"].astype(str) != "mean"]  # one training seed: no pooled row to drop, but be sure
+        tv = cells[cells["metric"] == "tv"].set_index(["condition", "reading"])["value"]
+        # fine-tuning on the votes moves the log-probabilities, and the sampled answers read them (N = 30)
+        assert tv["votes", "logprob"] < tv["base", "logprob"]
+        assert abs(tv["votes", "sample"] - tv["votes", "logprob"]) < 0.05
+        table = (reports / f"readings/{dataset}.md").read_text()
+        assert "sampling floor" in table and "gap" in table
+        for kind in READING_FIGURES:
+            with Image.open(reports / f"figures/{dataset}_{kind}.png") as image:
+                assert len(set(image.convert("L").getdata())) > 20, kind
+        summary = json.loads(
+            (demo_run / f"results/demo/readings/{dataset}/tiny-llama/votes/seed-0/summary.json").read_text()
+        )
+        assert summary["provenance"]["adapter"] and summary["parser_versions"]["sample"] >= 1
+
+
+@pytest.mark.slow
 def test_demo_html_report(demo_run):
     report = demo_run / "report.html"
     run(["snakemake", "--configfile", "config/demo.yaml", "--report", str(report)], demo_run, timeout=600)
@@ -174,6 +202,7 @@ def test_demo_html_report(demo_run):
         for kind in FIGURES:
             assert f"{dataset}_{kind}.png" in html
     assert "results.csv" in html and "BEST oracle" in html
+    assert "dilemmas_readings_finetune.png" in html and "sampling floor" in html
 
 
 def test_step_scripts_do_not_shadow_packages():
