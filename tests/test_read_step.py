@@ -16,6 +16,7 @@ import yaml
 from moralign.config import validate
 from moralign.data import ARCHIVES
 from moralign.io import read_json
+from moralign.predictors import CellInputs
 from moralign.readings import sample as sample_mod
 from moralign.readings.parse import VERSIONS
 from moralign.steps import read
@@ -52,8 +53,8 @@ def frames(folder) -> dict[str, pd.DataFrame]:
 
 def test_a_local_cell_writes_every_reading_and_rereads_from_the_cache(base, processed, tmp_path, monkeypatch):
     cfg = validate(demo_config())
-    args = ("tiny-llama", "anecdotes", "base", processed["anecdotes"])
-    summary = read.run(cfg, *args, tmp_path / "first", tmp_path / "cache", base)
+    args = ("tiny-llama", "anecdotes", "base", CellInputs(processed["anecdotes"], base, cache_dir=tmp_path / "cache"))
+    summary = read.run(cfg, *args, tmp_path / "first")
 
     got = frames(tmp_path / "first")
     assert [len(f) for f in got.values()] == [4, 4, 2]
@@ -72,7 +73,7 @@ def test_a_local_cell_writes_every_reading_and_rereads_from_the_cache(base, proc
         raise AssertionError("generated again")
 
     monkeypatch.setattr(sample_mod.Sampler, "generate", refuse)
-    read.run(cfg, *args, tmp_path / "again", tmp_path / "cache", base)
+    read.run(cfg, *args, tmp_path / "again")
     for name, frame in frames(tmp_path / "again").items():
         pd.testing.assert_frame_equal(frame, got[name], obj=name)
 
@@ -80,16 +81,7 @@ def test_a_local_cell_writes_every_reading_and_rereads_from_the_cache(base, proc
 def test_only_the_configured_readings_are_drawn(base, processed, tmp_path):
     raw = demo_config()
     raw["experiment"]["readings"] = ["sample"]
-    read.run(
-        validate(raw),
-        "tiny-llama",
-        "dilemmas",
-        "base",
-        processed["dilemmas"],
-        tmp_path / "out",
-        None,
-        base,
-    )
+    read.run(validate(raw), "tiny-llama", "dilemmas", "base", CellInputs(processed["dilemmas"], base), tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sample.parquet", "summary.json"]
 
 
@@ -104,8 +96,8 @@ def test_an_api_cell_writes_the_same_files_through_the_response_cache(server, pr
     raw = api_config(server.base_url, api_key_env=None)
     raw["readings"] = {**raw["readings"], **copy.deepcopy(SMALL), "models": ["fake-4o"]}
     cfg = validate(raw)
-    args = ("fake-4o", "dilemmas", "base", processed["dilemmas"])
-    summary = read.run(cfg, *args, tmp_path / "first", tmp_path / "cache")
+    args = ("fake-4o", "dilemmas", "base", CellInputs(processed["dilemmas"], cache_dir=tmp_path / "cache"))
+    summary = read.run(cfg, *args, tmp_path / "first")
     got = frames(tmp_path / "first")
     assert [len(f) for f in got.values()] == [4, 4, 2]
     assert summary["engine"] == "api" and summary["provenance"]["model"] == "fake-4o"
@@ -114,7 +106,7 @@ def test_an_api_cell_writes_the_same_files_through_the_response_cache(server, pr
     assert sorted(b["n"] for b in bodies) == [1, 1, 2, 2, 2, 2, 4, 4, 4, 4]
     assert sum("response_format" in b for b in bodies) == 4
     calls = len(server.calls)
-    read.run(cfg, *args, tmp_path / "again", tmp_path / "cache")
+    read.run(cfg, *args, tmp_path / "again")
     assert len(server.calls) == calls  # every response came from the cache
     for name, frame in frames(tmp_path / "again").items():
         pd.testing.assert_frame_equal(frame, got[name], obj=name)
@@ -128,16 +120,8 @@ def test_the_five_way_task_is_read_and_reported(base, processed, tmp_path):
     raw = demo_config()
     raw["experiment"]["datasets"] = ["anecdotes-5way"]
     raw["prompts"]["anecdotes-5way"] = FIVE_WAY
-    read.run(
-        validate(raw),
-        "tiny-llama",
-        "anecdotes-5way",
-        "base",
-        processed["anecdotes-5way"],
-        tmp_path / "out",
-        tmp_path / "cache",
-        base,
-    )
+    inputs = CellInputs(processed["anecdotes-5way"], base, cache_dir=tmp_path / "cache")
+    read.run(validate(raw), "tiny-llama", "anecdotes-5way", "base", inputs, tmp_path / "out")
     got = frames(tmp_path / "out")
     assert all(len(p) == 5 for p in got["verbal"]["p"])  # every valid JSON names all five answers
     assert all(len(c) == 5 for c in got["sample"]["counts"])

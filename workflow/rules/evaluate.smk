@@ -111,8 +111,8 @@ rule read_base:
         gpu=gpus_of("read_base"),
     shell:
         "python workflow/scripts/read.py --config {params.config} --sections {params.sections}"
-        " --model {wildcards.model} --dataset {wildcards.dataset} --data-dir {input.data}"
-        " --cache-dir {params.cache} --condition {wildcards.condition} --base {input.base} --out-dir {output.readings}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --condition {wildcards.condition}"
+        " --data-dir {input.data} --base {input.base} --cache-dir {params.cache} --out-dir {output.readings}"
         " --log {log}"
 
 
@@ -132,9 +132,8 @@ rule read_api:
         openai_api=1,
     shell:
         "python workflow/scripts/read.py --config {params.config} --sections {params.sections}"
-        " --model {wildcards.model} --dataset {wildcards.dataset} --data-dir {input.data}"
-        " --cache-dir {params.cache} --condition {wildcards.condition} --out-dir {output.readings}"
-        " --log {log}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --condition {wildcards.condition}"
+        " --data-dir {input.data} --cache-dir {params.cache} --out-dir {output.readings} --log {log}"
 
 
 rule read_tuned:
@@ -156,9 +155,9 @@ rule read_tuned:
         gpu=gpus_of("read_tuned"),
     shell:
         "python workflow/scripts/read.py --config {params.config} --sections {params.sections}"
-        " --model {wildcards.model} --dataset {wildcards.dataset} --data-dir {input.data}"
-        " --cache-dir {params.cache} --condition {wildcards.recipe} --base {input.base} --adapter {input.adapter}"
-        " --base-quantization {params.quantization} --out-dir {output.readings} --log {log}"
+        " --model {wildcards.model} --dataset {wildcards.dataset} --condition {wildcards.recipe}"
+        " --data-dir {input.data} --base {input.base} --adapter {input.adapter} --base-quantization {params.quantization}"
+        " --cache-dir {params.cache} --out-dir {output.readings} --log {log}"
 
 
 rule score_base:

@@ -8,26 +8,16 @@ Examples:
     # --base-quantization 4bit; an API model (backend openai) takes --cache-dir cache/openai and no --base
 """
 
-
 from moralign import cli
+from moralign.predictors import CellInputs
 from moralign.steps import read
 
 
 def main(argv=None):
     p = cli.cell_parser(__doc__)
     args = p.parse_args(argv)
-    read.run(
-        cli.start(args),
-        args.model,
-        args.dataset,
-        args.condition,
-        args.data_dir,
-        args.out_dir,
-        args.cache_dir,
-        args.base,
-        args.adapter,
-        args.base_quantization,
-    )
+    inputs = CellInputs(args.data_dir, args.base, args.adapter, args.cache_dir, args.base_quantization)
+    read.run(cli.start(args), args.model, args.dataset, args.condition, inputs, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -152,26 +152,47 @@ def _score_stage(
     )
 
 
-def _extract_stage(backend: backends.Backend) -> Stage:
-    """The extract stage of a backend's untrained conditions, from what its registry entry says it needs."""
+# What every stage that loads one cell's model reads of the configuration besides its own section
+CELL_SECTIONS = ("prompts.{dataset}", "{model_section}")
+# What the read steps load and draw with: the model as extract loads it, and the readings' own settings.
+READ_SECTIONS = (
+    "experiment.readings",
+    "experiment.eval_split",
+    *(f"extract.{k}" for k in ("device", "dtype", "quantization", "max_length", "threads", "debias")),
+    *(f"readings.{k}" for k in ("max_items", "sample", "verbal", "max_rows", "token_budget")),
+    *CELL_SECTIONS,
+)
+CACHE_ARG = " --cache-dir {cache}"
+
+
+def _untrained_stage(
+    backend: backends.Backend,
+    name: str,
+    script: str,
+    instances: Callable[[Config], list[Instance]],
+    output: str,
+    root: str,
+    sections: tuple[str, ...],
+    cache: bool,
+) -> Stage:
+    """A stage of a backend's untrained conditions, with what its registry entry says it needs.
+
+    hf: ``base`` on the weights extract.quantization loads, ``base-4bit`` on the 4-bit base QLoRA recipes train on.
+    """
     local = backend.local_weights
-    inputs = {"data": PROCESSED, **({"base": BASE_MODEL} if "base" in backend.extract_inputs else {})}
+    base = "base" in backend.extract_inputs
     args = "--model {model} --dataset {dataset} --condition {condition} --data-dir {input.data}"
-    if "base" in backend.extract_inputs:
-        args += " --base {input.base}"
-    if "cache" in backend.extract_inputs:
-        args += " --cache-dir {cache}"
+    args += (" --base {input.base}" if base else "") + (CACHE_ARG if cache else "")
     return Stage(
-        name=backend.extract_stage,
-        script="extract",
+        name=name,
+        script=script,
         wildcards=("dataset", "model", "condition"),
-        # hf: base on the weights extract.quantization loads; base-4bit on the 4-bit base QLoRA recipes train on
-        instances=backend_cells(backend),
-        inputs=inputs,
-        outputs={"predictions": cell_path(PREDICTIONS, "{condition}")},
-        folders=("predictions",),
-        sections=("extract", "prompts.{dataset}", "{model_section}"),
-        args=args + " --out-dir {output.predictions}",
+        instances=instances,
+        inputs={"data": PROCESSED, **({"base": BASE_MODEL} if base else {})},
+        outputs={output: cell_path(root, "{condition}")},
+        folders=(output,),
+        sections=sections,
+        args=args + f" --out-dir {{output.{output}}}",
         device_section="extract" if local else None,
         threads_section="extract" if local else None,
         extra_modules=(backend.module,),
@@ -179,39 +200,57 @@ def _extract_stage(backend: backends.Backend) -> Stage:
     )
 
 
-# What the read steps load and draw with: the model as extract loads it, and the readings' own settings.
-READ_SECTIONS = (
-    "experiment.readings",
-    "experiment.eval_split",
-    *(f"extract.{k}" for k in ("device", "dtype", "quantization", "max_length", "threads", "debias")),
-    *(f"readings.{k}" for k in ("max_items", "sample", "verbal", "max_rows", "token_budget")),
-    "prompts.{dataset}",
-    "{model_section}",
-)
-READ_ARGS = "--model {model} --dataset {dataset} --data-dir {input.data} --cache-dir {cache}"
+def _extract_stage(backend: backends.Backend) -> Stage:
+    """The extract stage of a backend's untrained conditions (the ``logprob`` reading)."""
+    cache = "cache" in backend.extract_inputs
+    sections = ("extract", *CELL_SECTIONS)
+    return _untrained_stage(
+        backend,
+        backend.extract_stage or "",
+        "extract",
+        backend_cells(backend),
+        "predictions",
+        PREDICTIONS,
+        sections,
+        cache,
+    )
 
 
 def _read_stage(backend: backends.Backend) -> Stage:
     """The read stage of a backend's untrained conditions: ``sample`` and ``verbal`` (docs/readings.md)."""
-    local = backend.local_weights
-    base = "base" in backend.extract_inputs
+    return _untrained_stage(
+        backend, backend.read_stage or "", "read", read_cells(backend), "readings", READINGS, READ_SECTIONS, True
+    )
+
+
+def _tuned_stage(
+    name: str,
+    script: str,
+    instances: Callable[[Config], list[Instance]],
+    output: str,
+    root: str,
+    sections: tuple[str, ...],
+    extra_args: str = "",
+) -> Stage:
+    """A stage of every fine-tuned cell that loads its adapter on the base weights it was trained on."""
     return Stage(
-        name=backend.read_stage or "",
-        script="read",
-        wildcards=("dataset", "model", "condition"),
-        instances=read_cells(backend),
-        inputs={"data": PROCESSED, **({"base": BASE_MODEL} if base else {})},
-        outputs={"readings": cell_path(READINGS, "{condition}")},
-        folders=("readings",),
-        sections=READ_SECTIONS,
-        args=READ_ARGS
-        + " --condition {condition}"
-        + (" --base {input.base}" if base else "")
-        + " --out-dir {output.readings}",
-        device_section="extract" if local else None,
-        threads_section="extract" if local else None,
-        extra_modules=(backend.module,),
-        resources=backend.resources,
+        name=name,
+        script=script,
+        wildcards=("dataset", "model", "recipe", "seed"),
+        instances=instances,
+        inputs={"data": PROCESSED, "base": BASE_MODEL, "adapter": ADAPTER},
+        outputs={output: cell_path(root, "{recipe}", "{seed}")},
+        folders=(output,),
+        sections=sections,
+        args=(
+            "--model {model} --dataset {dataset} --condition {recipe} --data-dir {input.data} --base {input.base}"
+            " --adapter {input.adapter} --base-quantization {quantization}"
+            + extra_args
+            + f" --out-dir {{output.{output}}}"
+        ),
+        device_section="extract",
+        threads_section="extract",
+        extra_modules=("moralign.predictors.hf",),
     )
 
 
@@ -294,24 +333,8 @@ STAGES: tuple[Stage, ...] = (
         threads_section="encoder",
     ),
     *(_extract_stage(b) for b in backends.BACKENDS.values() if b.extract_stage),
-    Stage(
-        name="extract_tuned",
-        script="extract",
-        wildcards=("dataset", "model", "recipe", "seed"),
-        # on the base weights the adapter was trained on (4-bit for QLoRA: read from the adapter's metadata)
-        instances=tuned_cells,
-        inputs={"data": PROCESSED, "base": BASE_MODEL, "adapter": ADAPTER},
-        outputs={"predictions": cell_path(PREDICTIONS, "{recipe}", "{seed}")},
-        folders=("predictions",),
-        sections=("extract", "prompts.{dataset}", "{model_section}"),
-        args=(
-            "--model {model} --dataset {dataset} --condition {recipe} --data-dir {input.data} --base {input.base}"
-            " --adapter {input.adapter} --base-quantization {quantization} --out-dir {output.predictions}"
-        ),
-        device_section="extract",
-        threads_section="extract",
-        extra_modules=("moralign.predictors.hf",),
-    ),
+    # on the base weights the adapter was trained on (4-bit for QLoRA: read from the adapter's metadata)
+    _tuned_stage("extract_tuned", "extract", tuned_cells, "predictions", PREDICTIONS, ("extract", *CELL_SECTIONS)),
     Stage(
         name="extract_trained",
         script="extract",
@@ -331,24 +354,7 @@ STAGES: tuple[Stage, ...] = (
         extra_modules=("moralign.predictors.encoder",),
     ),
     *(_read_stage(b) for b in backends.BACKENDS.values() if b.read_stage),
-    Stage(
-        name="read_tuned",
-        script="read",
-        wildcards=("dataset", "model", "recipe", "seed"),
-        # on the base weights the adapter was trained on, as extract_tuned scores it
-        instances=read_tuned_cells,
-        inputs={"data": PROCESSED, "base": BASE_MODEL, "adapter": ADAPTER},
-        outputs={"readings": cell_path(READINGS, "{recipe}", "{seed}")},
-        folders=("readings",),
-        sections=READ_SECTIONS,
-        args=(
-            READ_ARGS + " --condition {recipe} --base {input.base} --adapter {input.adapter}"
-            " --base-quantization {quantization} --out-dir {output.readings}"
-        ),
-        device_section="extract",
-        threads_section="extract",
-        extra_modules=("moralign.predictors.hf",),
-    ),
+    _tuned_stage("read_tuned", "read", read_tuned_cells, "readings", READINGS, READ_SECTIONS, CACHE_ARG),
     _score_stage("score_base", ("dataset", "model", "condition"), base_cells, "{condition}"),
     Stage(
         name="score_tuned",

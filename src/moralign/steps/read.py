@@ -111,16 +111,7 @@ def summarise_frame(reading: str, frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def run(
-    cfg: Config,
-    model: str,
-    dataset: str,
-    condition: str,
-    data_dir: Path,
-    out_dir: Path,
-    cache_dir: Path | None,
-    base_dir: Path | None = None,
-    adapter_dir: Path | None = None,
-    base_quantization: str | None = None,
+    cfg: Config, model: str, dataset: str, condition: str, inputs: predictors.CellInputs, out_dir: Path
 ) -> dict[str, Any]:
     """Write the cell's reading frames and ``summary.json`` to ``out_dir``.
 
@@ -132,8 +123,7 @@ def run(
     """
     settings = cfg["readings"]
     split = cfg["experiment"]["eval_split"]
-    items = evaluated_items(pd.read_parquet(data_dir / f"{split}.parquet"), settings["max_items"])
-    inputs = predictors.CellInputs(data_dir, base_dir, adapter_dir, cache_dir, base_quantization)
+    items = evaluated_items(pd.read_parquet(inputs.data_dir / f"{split}.parquet"), settings["max_items"])
     local = backends.get(cfg.backend(model)).local_weights
     readers, provenance = (_local_readers if local else _api_readers)(cfg, model, dataset, condition, inputs)
     jobs = {r: items for r in cfg.readings}
