@@ -223,7 +223,14 @@ def _with_edit(path: Path, ask, repo: Path):
 
 @pytest.mark.slow
 def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_demo, tmp_path):
-    """For every file a step runs: Snakemake plans its dependents (and what follows), DVC flags exactly them."""
+    """For every file a step runs: Snakemake plans its dependents (and what follows), DVC flags exactly them.
+
+    Files that are inputs of exactly the same instances in both front ends (the chat templates, the modules every
+    step imports, a step's script and its library module, ...) behave alike by construction: both front ends take
+    a stage's code list from one function (Stage.code), and test_snakemake_and_dvc_agree_on_every_instance checks
+    that every instance's inputs, code included, are the same in both. So one file of each such class is edited;
+    the classes are checked to cover every file.
+    """
     # copies of both finished demos: the edits never reach a repository another test is using
     smk_repo = copy_tree(demo_run, tmp_path / "smk")
     dvc_repo = copy_tree(dvc_demo, tmp_path / "dvc")
@@ -241,11 +248,17 @@ def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_d
     def dvc_flags(repo):
         return set(json.loads(run(["dvc", "status", "--json"], repo).stdout or "{}"))
 
+    classes: dict[tuple[frozenset[str], frozenset[str]], list[str]] = {}
+    for rel in files:
+        direct = frozenset(_name(r, k) for r, k, ins, _ in instances if rel in ins)
+        direct_dvc = frozenset(_name(r, k) for r, k, ins, _ in dvc_instances if rel in ins)
+        classes.setdefault((direct, direct_dvc), []).append(rel)
+    assert sorted(f for members in classes.values() for f in members) == files and len(classes) > 20
+
     # the two front ends look at their own copy: both ask at once (each waits on its subprocess)
     with ThreadPoolExecutor(2) as pool:
-        for rel in files:
-            direct = {_name(r, k) for r, k, ins, _ in instances if rel in ins}
-            direct_dvc = {_name(r, k) for r, k, ins, _ in dvc_instances if rel in ins}
+        for (direct, direct_dvc), members in classes.items():
+            rel = members[0]
             smk = pool.submit(_with_edit, smk_repo / rel, snakemake_plans, smk_repo)
             dvc = pool.submit(_with_edit, dvc_repo / rel, dvc_flags, dvc_repo)
             planned = {"snakemake": smk.result(), "dvc": dvc.result()}
@@ -271,3 +284,21 @@ def test_every_declared_section_is_written_in_the_config_file(config):
                 except KeyError:
                     missing.add((stage.name, section))
     assert not missing, sorted(missing)
+
+
+def test_every_gpu_stage_asks_the_slurm_profile_for_a_gpu():
+    """A stage that may want a GPU (it has a device setting) gets the GPU partition in the SLURM profile; a new
+    GPU stage missing there would be queued on the CPU partition with the default 8 GB."""
+    profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())["set-resources"]
+    gpu_stages = {s.name for s in stages.STAGES if s.device_section and not s.local}
+    assert gpu_stages == {
+        "finetune",
+        "train_encoder",
+        "extract_base",
+        "extract_tuned",
+        "extract_trained",
+        "read_base",
+        "read_tuned",
+    }
+    for name in gpu_stages:
+        assert profile.get(name, {}).get("slurm_partition") == "gpu", name
