@@ -14,7 +14,7 @@ import yaml
 
 from moralign.pipeline.cells import REPORTS
 from moralign.pipeline.plan import Plan, _as_list, fill
-from moralign.pipeline.table import Stage
+from moralign.pipeline.stage import Stage
 
 _FORMATTER = string.Formatter()
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from moralign.config import Config
 from moralign.pipeline.cells import Instance, Patterns
-from moralign.pipeline.table import BY_NAME, STAGES, Stage
+from moralign.pipeline.stage import Stage
+from moralign.pipeline.table import BY_NAME, STAGES
 
 
 class _Keep(dict):

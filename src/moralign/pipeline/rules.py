@@ -17,8 +17,10 @@ import string
 from pathlib import Path
 from typing import Any
 
+from moralign.pipeline.code import ROOT
 from moralign.pipeline.plan import Plan
-from moralign.pipeline.table import ROOT, STAGES, Stage
+from moralign.pipeline.stage import Stage
+from moralign.pipeline.table import STAGES
 
 RULES_DIR = Path("workflow/rules")
 GROUPS = ("data", "models", "evaluate", "report")
