@@ -242,14 +242,14 @@ def test_an_id_mismatch_is_an_error_naming_the_cell(edit, problem):
         rr.score_readings(items, [cell], SETTINGS)
 
 
-def write(tmp_path, items, cells, dataset="anecdotes"):
+def write(tmp_path, items, cells, dataset="anecdotes", format_following=None):
     paths = {
         "table_csv": tmp_path / "readings.csv",
         "table_md": tmp_path / "readings.md",
         "differences_csv": tmp_path / "differences.csv",
         "figure_stems": {name: tmp_path / "figures" / f"{dataset}_{name}" for name in rr.FIGURES},
     }
-    rr.write_report(dataset, items, cells, {"votes": "base"}, SETTINGS, **paths)
+    rr.write_report(dataset, items, cells, {"votes": "base"}, SETTINGS, **paths, format_following=format_following)
     return paths
 
 
@@ -277,6 +277,15 @@ def test_write_report_writes_every_file(tmp_path):
     assert {"model", "reference"} == set(long["kind"])
     assert set(pd.read_csv(paths["differences_csv"])["comparison"]) == {"readings", "fine-tuning"}
     assert not list(tmp_path.rglob("*.tmp"))
+    assert "Format following" not in text  # no unconstrained draws given: no section
+
+
+def test_the_format_following_rates_are_in_the_markdown(tmp_path):
+    items = make_items()
+    rates = {"m / base": 0.25, "m / votes/seed-0": 0.0}
+    text = write(tmp_path, items, full_cells(items), format_following=rates)["table_md"].read_text()
+    section = text.split("### Format following")[1]
+    assert "| m / base | 0.250 |" in section and "| m / votes/seed-0 | 0.000 |" in section
 
 
 @pytest.mark.parametrize("which", ["logprob only", "no tuned cells", "nothing"])

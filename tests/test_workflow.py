@@ -182,7 +182,7 @@ def test_demo_reads_three_ways(demo_run):
         assert tv["votes", "logprob"] < tv["base", "logprob"]
         assert abs(tv["votes", "sample"] - tv["votes", "logprob"]) < 0.05
         table = (reports / f"readings/{dataset}.md").read_text()
-        assert "sampling floor" in table and "gap" in table
+        assert "sampling floor" in table and "gap" in table and "### Format following" in table
         for kind in READING_FIGURES:
             with Image.open(reports / f"figures/{dataset}_{kind}.png") as image:
                 assert len(set(image.convert("L").getdata())) > 20, kind

@@ -48,8 +48,29 @@ __all__ = [
 ]
 
 
-def markdown(dataset: str, long: pd.DataFrame, n_items: int, settings: ReportSettings) -> str:
-    """The dataset's readings table in Markdown, with the header line that says how it was scored."""
+def format_section(format_following: Mapping[str, float]) -> str:
+    """The format-following rates (cell label -> share of unconstrained draws that gave the JSON asked for)."""
+    if not format_following:
+        return ""
+    rows = "\n".join(f"| {cell} | {rate:.3f} |" for cell, rate in format_following.items())
+    return (
+        "\n### Format following\n\nThe verbal prompt drawn once per item WITHOUT the JSON constraint "
+        "(`readings.verbal.format_items` items): the share of draws that are the JSON object asked for.\n\n"
+        f"| cell | format-following rate |\n|---|---|\n{rows}\n"
+    )
+
+
+def markdown(
+    dataset: str,
+    long: pd.DataFrame,
+    n_items: int,
+    settings: ReportSettings,
+    format_following: Mapping[str, float] | None = None,
+) -> str:
+    """The dataset's readings table in Markdown, with the header line that says how it was scored.
+
+    ``format_following`` (cell label -> rate) adds the format-following rates of the unconstrained draws.
+    """
     s = settings.smoothing
     header = (
         f"Eval split: {n_items} items; sample reading N = {settings.n_draws} draws; xentropy after additive "
@@ -67,7 +88,8 @@ def markdown(dataset: str, long: pd.DataFrame, n_items: int, settings: ReportSet
         "human, the mean entropy of the human vote distributions.",
     ]
     table = to_markdown(readings_table(long))
-    return f"## {dataset}: three readings\n\n{header}\n\n{table}\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    text = f"## {dataset}: three readings\n\n{header}\n\n{table}\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return text + format_section(format_following or {})
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -86,6 +108,7 @@ def write_report(
     table_md: Path,
     differences_csv: Path,
     figure_stems: Mapping[str, Path],
+    format_following: Mapping[str, float] | None = None,
 ) -> None:
     """The readings report of one dataset: long scores (CSV), table (Markdown), differences (CSV), three figures.
 
@@ -100,7 +123,7 @@ def write_report(
     scores, refs = score_prepared(prep), reference_rows(items, settings)
     long = pd.concat([scores, refs], ignore_index=True) if len(scores) else refs  # (pandas warns on an empty part)
     differences = differences_of(prep, baselines)
-    text = markdown(dataset, long, len(items), settings)
+    text = markdown(dataset, long, len(items), settings, format_following)
     figures = {
         "tv": tv_figure(long, dataset),
         "items": items_figure(prep, dataset),

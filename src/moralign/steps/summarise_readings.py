@@ -60,6 +60,17 @@ def load_cells(
     return cells
 
 
+def format_rates(cfg: Config, read_dirs: list[Path]) -> dict[str, float]:
+    """Each read cell's format-following rate (its summary.json), by cell label, where it drew unconstrained."""
+    keys = [(m, c, s) for m in cfg.read_models() for c in cfg.conditions_of(m) for s in cfg.seeds_of(m, c)]
+    rates = {}
+    for (model, condition, seed), read_dir in zip(keys, read_dirs, strict=True):
+        entry = read_json(read_dir / "summary.json")["readings"].get("format")
+        if entry and entry["format_following_rate"] is not None:
+            rates[f"{model} / {cell_name(condition, seed)}"] = entry["format_following_rate"]
+    return rates
+
+
 def run(
     cfg: Config,
     dataset: str,
@@ -75,6 +86,7 @@ def run(
     split = cfg["experiment"]["eval_split"]
     items = evaluated_items(pd.read_parquet(data_dir / f"{split}.parquet"), cfg["readings"]["max_items"])
     cells = load_cells(cfg, items, pred_dirs, read_dirs, split)
+    format_following = format_rates(cfg, read_dirs)
     settings = ReportSettings(
         n_draws=cfg["readings"]["sample"]["n_draws"],
         smoothing=cfg["readings"]["smoothing"],
@@ -91,5 +103,6 @@ def run(
         table_md=markdown,
         differences_csv=differences,
         figure_stems={k.removeprefix("readings_"): figures_dir / f"{dataset}_{k}" for k in READING_FIGURES},
+        format_following=format_following,
     )
     log.info("%s: readings of %d cells on %d items written to %s", dataset, len(cells), len(items), table)
