@@ -232,6 +232,10 @@ class Config:
         chosen = self.data["readings"]["models"]
         return [m for m in self.models if backends.get(self.backend(m)).read_stage and (chosen is None or m in chosen)]
 
+    def reading_cells(self) -> list[tuple[str, str, int | None]]:
+        """Every (model, condition, seed) whose readings are drawn, in table order (the same cells in every dataset)."""
+        return [(m, c, s) for m in self.read_models() for c in self.conditions_of(m) for s in self.seeds_of(m, c)]
+
     def baseline_of(self, recipe: str) -> str:
         """The base condition a recipe's differences are taken against: the weights it was trained on."""
         return CONDITION_BASE_4BIT if self.finetune(recipe)["quantization"] == "4bit" else CONDITION_BASE

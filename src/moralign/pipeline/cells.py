@@ -133,10 +133,7 @@ def read_tuned_cells(cfg: Config) -> list[Instance]:
 def read_run_cells(cfg: Config, pattern: str = READINGS, dataset: str = "{dataset}") -> list[str]:
     """``pattern`` for every read cell of the run (of one dataset, or of ``{dataset}``), in table order."""
     return [
-        pattern.format(run="{run}", dataset=dataset, model=m, cell=cell_name(c, s))
-        for m in cfg.read_models()
-        for c in cfg.conditions_of(m)
-        for s in cfg.seeds_of(m, c)
+        pattern.format(run="{run}", dataset=dataset, model=m, cell=cell_name(c, s)) for m, c, s in cfg.reading_cells()
     ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -32,24 +33,24 @@ def _frame(path: Path, ids: pd.Series) -> pd.DataFrame:
 
 
 def load_cells(
-    cfg: Config, items: pd.DataFrame, pred_dirs: list[Path], read_dirs: list[Path], split: str
+    cfg: Config,
+    items: pd.DataFrame,
+    pred_dirs: list[Path],
+    read_dirs: list[Path],
+    summaries: list[dict[str, Any]],
+    split: str,
 ) -> list[ReadingCell]:
     """Every reading of every read cell, in table order; the folders must be the run's cells in that order."""
-    keys = [(m, c, s) for m in cfg.read_models() for c in cfg.conditions_of(m) for s in cfg.seeds_of(m, c)]
-    if not len(keys) == len(pred_dirs) == len(read_dirs):
-        raise DataError(
-            f"{len(keys)} read cells in the configuration but {len(pred_dirs)} prediction and {len(read_dirs)} "
-            "readings folders were given"
-        )
     cells = []
-    for (model, condition, seed), pred_dir, read_dir in zip(keys, pred_dirs, read_dirs, strict=True):
+    for (model, condition, seed), pred_dir, read_dir, summary in zip(
+        cfg.reading_cells(), pred_dirs, read_dirs, summaries, strict=True
+    ):
         tail = f"{model}/{cell_name(condition, seed)}"
         for folder in (pred_dir, read_dir):
             if not folder.as_posix().endswith(tail):
                 raise DataError(f"{folder}: expected the folder of cell {tail}")
-        read_split = read_json(read_dir / "summary.json")["split"]
-        if read_split != split:
-            raise DataError(f"{read_dir}/summary.json: read on split {read_split!r}, the run evaluates {split!r}")
+        if summary["split"] != split:
+            raise DataError(f"{read_dir}/summary.json: read on split {summary['split']!r}, the run evaluates {split!r}")
         seed_text = None if seed is None else str(seed)
         cells.append(
             ReadingCell(model, condition, seed_text, "logprob", _frame(pred_dir / f"{split}.parquet", items["id"]))
@@ -60,12 +61,11 @@ def load_cells(
     return cells
 
 
-def format_rates(cfg: Config, read_dirs: list[Path]) -> dict[str, float]:
-    """Each read cell's format-following rate (its summary.json), by cell label, where it drew unconstrained."""
-    keys = [(m, c, s) for m in cfg.read_models() for c in cfg.conditions_of(m) for s in cfg.seeds_of(m, c)]
+def format_rates(cfg: Config, summaries: list[dict[str, Any]]) -> dict[str, float]:
+    """Each read cell's format-following rate (from its summary.json), by cell label, where it drew unconstrained."""
     rates = {}
-    for (model, condition, seed), read_dir in zip(keys, read_dirs, strict=True):
-        entry = read_json(read_dir / "summary.json")["readings"].get("format")
+    for (model, condition, seed), summary in zip(cfg.reading_cells(), summaries, strict=True):
+        entry = summary["readings"].get("format")
         if entry and entry["format_following_rate"] is not None:
             rates[f"{model} / {cell_name(condition, seed)}"] = entry["format_following_rate"]
     return rates
@@ -85,8 +85,15 @@ def run(
     """Write the dataset's readings table (CSV, Markdown), its differences (CSV) and figures (PNG, PDF)."""
     split = cfg["experiment"]["eval_split"]
     items = evaluated_items(pd.read_parquet(data_dir / f"{split}.parquet"), cfg["readings"]["max_items"])
-    cells = load_cells(cfg, items, pred_dirs, read_dirs, split)
-    format_following = format_rates(cfg, read_dirs)
+    n_cells = len(cfg.reading_cells())
+    if not n_cells == len(pred_dirs) == len(read_dirs):
+        raise DataError(
+            f"{n_cells} read cells in the configuration but {len(pred_dirs)} prediction and {len(read_dirs)} "
+            "readings folders were given"
+        )
+    summaries = [read_json(d / "summary.json") for d in read_dirs]
+    cells = load_cells(cfg, items, pred_dirs, read_dirs, summaries, split)
+    format_following = format_rates(cfg, summaries)
     settings = ReportSettings(
         n_draws=cfg["readings"]["sample"]["n_draws"],
         smoothing=cfg["readings"]["smoothing"],
