@@ -91,6 +91,9 @@ def _score_stage(
 
 # What every stage that loads one cell's model reads of the configuration besides its own section
 CELL_SECTIONS = ("prompts.{dataset}", "{model_section}")
+EXTRACT_SECTIONS = ("extract", *CELL_SECTIONS)
+# The folder each step that loads a cell's model writes: its output key and results root
+CELL_OUTPUTS = {"extract": ("predictions", PREDICTIONS), "read": ("readings", READINGS)}
 # What the read steps load and draw with: the model as extract loads it, and the readings' own settings.
 READ_SECTIONS = (
     "experiment.readings",
@@ -102,92 +105,43 @@ READ_SECTIONS = (
 CACHE_ARG = " --cache-dir {cache}"
 
 
-def _untrained_stage(
+def _cell_stage(
     backend: backends.Backend,
     name: str,
     script: str,
     instances: Callable[[Config], list[Instance]],
-    output: str,
-    root: str,
     sections: tuple[str, ...],
-    cache: bool,
+    *,
+    tuned: bool = False,
 ) -> Stage:
-    """A stage of a backend's untrained conditions, with what its registry entry says it needs.
+    """A stage that runs ``script`` (extract or read) on one cell's model and writes the cell's folder.
 
-    hf: ``base`` on the weights extract.quantization loads, ``base-4bit`` on the 4-bit base QLoRA recipes train on.
+    Untrained conditions get what the backend's registry entry says its stage needs (hf: ``base`` on the weights
+    extract.quantization loads, ``base-4bit`` on the 4-bit base QLoRA recipes train on). ``tuned``: every
+    fine-tuned cell, its adapter loaded on the base weights it was trained on.
     """
-    local = backend.local_weights
-    base = "base" in backend.extract_inputs
-    args = "--model {model} --dataset {dataset} --condition {condition} --data-dir {input.data}"
-    args += (" --base {input.base}" if base else "") + (CACHE_ARG if cache else "")
+    key, root = CELL_OUTPUTS[script]
+    local = tuned or backend.local_weights
+    base = tuned or "base" in backend.extract_inputs
+    condition, cell = ("{recipe}", cell_path(root, "{recipe}", "{seed}")) if tuned else ("{condition}", None)
+    args = f"--model {{model}} --dataset {{dataset}} --condition {condition} --data-dir {{input.data}}"
+    args += " --base {input.base}" if base else ""
+    args += " --adapter {input.adapter} --base-quantization {quantization}" if tuned else ""
+    args += CACHE_ARG if script == "read" or "cache" in backend.extract_inputs else ""
     return Stage(
         name=name,
         script=script,
-        wildcards=("dataset", "model", "condition"),
+        wildcards=("dataset", "model", "recipe", "seed") if tuned else ("dataset", "model", "condition"),
         instances=instances,
-        inputs={"data": PROCESSED, **({"base": BASE_MODEL} if base else {})},
-        outputs={output: cell_path(root, "{condition}")},
-        folders=(output,),
+        inputs={"data": PROCESSED, **({"base": BASE_MODEL} if base else {}), **({"adapter": ADAPTER} if tuned else {})},
+        outputs={key: cell or cell_path(root, "{condition}")},
+        folders=(key,),
         sections=sections,
-        args=args + f" --out-dir {{output.{output}}}",
+        args=args + f" --out-dir {{output.{key}}}",
         device_section="extract" if local else None,
         threads_section="extract" if local else None,
         extra_modules=(backend.module,),
         resources=backend.resources,
-    )
-
-
-def _extract_stage(backend: backends.Backend) -> Stage:
-    """The extract stage of a backend's untrained conditions (the ``logprob`` reading)."""
-    cache = "cache" in backend.extract_inputs
-    sections = ("extract", *CELL_SECTIONS)
-    return _untrained_stage(
-        backend,
-        backend.extract_stage or "",
-        "extract",
-        backend_cells(backend),
-        "predictions",
-        PREDICTIONS,
-        sections,
-        cache,
-    )
-
-
-def _read_stage(backend: backends.Backend) -> Stage:
-    """The read stage of a backend's untrained conditions: ``sample`` and ``verbal`` (docs/readings.md)."""
-    return _untrained_stage(
-        backend, backend.read_stage or "", "read", read_cells(backend), "readings", READINGS, READ_SECTIONS, True
-    )
-
-
-def _tuned_stage(
-    name: str,
-    script: str,
-    instances: Callable[[Config], list[Instance]],
-    output: str,
-    root: str,
-    sections: tuple[str, ...],
-    extra_args: str = "",
-) -> Stage:
-    """A stage of every fine-tuned cell that loads its adapter on the base weights it was trained on."""
-    return Stage(
-        name=name,
-        script=script,
-        wildcards=("dataset", "model", "recipe", "seed"),
-        instances=instances,
-        inputs={"data": PROCESSED, "base": BASE_MODEL, "adapter": ADAPTER},
-        outputs={output: cell_path(root, "{recipe}", "{seed}")},
-        folders=(output,),
-        sections=sections,
-        args=(
-            "--model {model} --dataset {dataset} --condition {recipe} --data-dir {input.data} --base {input.base}"
-            " --adapter {input.adapter} --base-quantization {quantization}"
-            + extra_args
-            + f" --out-dir {{output.{output}}}"
-        ),
-        device_section="extract",
-        threads_section="extract",
-        extra_modules=("moralign.predictors.hf",),
     )
 
 
@@ -269,9 +223,13 @@ STAGES: tuple[Stage, ...] = (
         device_section="encoder",
         threads_section="encoder",
     ),
-    *(_extract_stage(b) for b in backends.BACKENDS.values() if b.extract_stage),
+    *(
+        _cell_stage(b, b.extract_stage, "extract", backend_cells(b), EXTRACT_SECTIONS)
+        for b in backends.BACKENDS.values()
+        if b.extract_stage
+    ),
     # on the base weights the adapter was trained on (4-bit for QLoRA: read from the adapter's metadata)
-    _tuned_stage("extract_tuned", "extract", tuned_cells, "predictions", PREDICTIONS, ("extract", *CELL_SECTIONS)),
+    _cell_stage(backends.BACKENDS["hf"], "extract_tuned", "extract", tuned_cells, EXTRACT_SECTIONS, tuned=True),
     Stage(
         name="extract_trained",
         script="extract",
@@ -290,8 +248,12 @@ STAGES: tuple[Stage, ...] = (
         threads_section="extract",
         extra_modules=("moralign.predictors.encoder",),
     ),
-    *(_read_stage(b) for b in backends.BACKENDS.values() if b.read_stage),
-    _tuned_stage("read_tuned", "read", read_tuned_cells, "readings", READINGS, READ_SECTIONS, CACHE_ARG),
+    *(
+        _cell_stage(b, b.read_stage, "read", read_cells(b), READ_SECTIONS)
+        for b in backends.BACKENDS.values()
+        if b.read_stage
+    ),
+    _cell_stage(backends.BACKENDS["hf"], "read_tuned", "read", read_tuned_cells, READ_SECTIONS, tuned=True),
     _score_stage("score_base", ("dataset", "model", "condition"), base_cells, "{condition}"),
     Stage(
         name="score_tuned",
