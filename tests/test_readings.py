@@ -21,7 +21,7 @@ from moralign.data import TASKS
 from moralign.errors import DataError
 from moralign.modeling import load_model, load_tokenizer
 from moralign.prompts import PromptBuilder
-from moralign.readings.cache import Draw, GenerationCache, Request
+from moralign.readings.cache import Draw, GenerationCache, ItemDraws, Request
 from moralign.readings.floor import sampling_floor
 from moralign.readings.parse import parse_answer, parse_shares
 from moralign.readings.sample import (
@@ -168,12 +168,14 @@ def draws_of(*texts: str, stopped: bool = True) -> list[Draw]:
 
 def test_sample_frame_counts_valid_draws_and_keeps_invalid_items():
     frame = sample_frame(
-        ["a", "b", "c"],
-        [
-            draws_of("Yes", "I would say no", "yes.", "It depends."),  # 3 of 4 valid: valid item
-            draws_of("Yes", "It depends.", "Hmm.", "no"),  # 2 of 4 valid: below 2/3, kept and flagged
-            draws_of("I'm sorry.", "Hmm."),  # nothing valid: p is NaN
-        ],
+        ItemDraws(
+            ["a", "b", "c"],
+            [
+                draws_of("Yes", "I would say no", "yes.", "It depends."),  # 3 of 4 valid: valid item
+                draws_of("Yes", "It depends.", "Hmm.", "no"),  # 2 of 4 valid: below 2/3, kept and flagged
+                draws_of("I'm sorry.", "Hmm."),  # nothing valid: p is NaN
+            ],
+        ),
         ["Yes", "No"],
     )
     assert list(frame["id"]) == ["a", "b", "c"]
@@ -191,11 +193,13 @@ def test_sample_frame_counts_valid_draws_and_keeps_invalid_items():
 
 def test_verbal_frame_normalises_each_draw_and_keeps_draw_zero():
     frame = verbal_frame(
-        ["a", "b"],
-        [
-            draws_of('{"Yes": 30, "No": 60}', '{"Yes": 50, "No": 50}', '{"Yes": 0, "No": 0}'),
-            draws_of("no idea", '{"Yes": 20, "No": 80}', '{"Yes": 10, "No": 90}'),
-        ],
+        ItemDraws(
+            ["a", "b"],
+            [
+                draws_of('{"Yes": 30, "No": 60}', '{"Yes": 50, "No": 50}', '{"Yes": 0, "No": 0}'),
+                draws_of("no idea", '{"Yes": 20, "No": 80}', '{"Yes": 10, "No": 90}'),
+            ],
+        ),
         ["Yes", "No"],
     )
     # item a: draws (1/3, 2/3) and (1/2, 1/2); the all-zero draw is invalid

@@ -25,8 +25,8 @@ from moralign.modeling import load_model, load_tokenizer
 from moralign.predictors import CellInputs
 from moralign.predictors.openai import build
 from moralign.prompts import fold_system
-from moralign.readings.api import read_api, reading_requests, request_seed
-from moralign.readings.cache import Draw
+from moralign.readings.api import ApiReading, read_api, reading_requests, request_seed
+from moralign.readings.cache import Draw, ItemDraws
 from moralign.readings.parse import parse_answer, parse_shares
 from moralign.readings.sample import Reader, Sampler, read_sample, sample_frame, stop_token_ids
 from moralign.readings.verbal import (
@@ -161,8 +161,8 @@ def test_request_bodies_of_each_reading(server, processed, tmp_path, system_role
     predictor = predictor_for(server, processed, tmp_path, n_shots=2, system_role=system_role)
     items = items_of(processed, 3)
     for reading in ("sample", "verbal", "format"):
-        read_api(predictor, items, reading, n_draws=4, seed=7)
-    read_api(predictor, items, "sample", n_draws=4, seed=7, max_new_tokens=5)
+        read_api(predictor, items, ApiReading(reading, n_draws=4, seed=7))
+    read_api(predictor, items, ApiReading("sample", n_draws=4, seed=7, max_new_tokens=5))
     assert len(server.calls) == 4 * 3
     by_reading = {
         "sample": [b for b in server.calls if is_sample(b) and b["max_tokens"] == 32],
@@ -206,11 +206,13 @@ def test_request_bodies_of_each_reading(server, processed, tmp_path, system_role
     assert max_json_tokens(ANSWERS) == max_tokens["verbal"]
     assert sorted(b["max_tokens"] for b in server.calls if is_sample(b))[:3] == [5, 5, 5]
     for reading in ("sample", "verbal", "format"):  # the first requests, as a dry run would price them
-        assert all(b in server.calls for b in reading_requests(predictor, items, reading, n_draws=4, seed=7))
+        assert all(
+            b in server.calls for b in reading_requests(predictor, items, ApiReading(reading, n_draws=4, seed=7))
+        )
     with pytest.raises(ValueError, match="n_draws must be at least 1"):
-        read_api(predictor, items, "sample", n_draws=0, seed=7)
+        read_api(predictor, items, ApiReading("sample", n_draws=0, seed=7))
     with pytest.raises(ValueError, match="reading must be one of"):
-        read_api(predictor, items, "logprob", n_draws=4, seed=7)
+        read_api(predictor, items, ApiReading("logprob", n_draws=4, seed=7))
 
 
 # ---------------------------------------------------------------- the frames
@@ -220,12 +222,12 @@ def test_frames_equal_the_local_engines_for_the_same_texts(server, processed, tm
     predictor = predictor_for(server, processed, tmp_path)
     items = items_of(processed, 4)
     ids = [str(i) for i in items["id"]]
-    sample = read_api(predictor, items, "sample", n_draws=6, seed=0)
-    verbal = read_api(predictor, items, "verbal", n_draws=5, seed=0)
-    formats = read_api(predictor, items, "format", n_draws=3, seed=0)
+    sample = read_api(predictor, items, ApiReading("sample", n_draws=6, seed=0))
+    verbal = read_api(predictor, items, ApiReading("verbal", n_draws=5, seed=0))
+    formats = read_api(predictor, items, ApiReading("format", n_draws=3, seed=0))
 
     draws, tokens, prompt = sent(server, predictor, items, is_sample)
-    want = sample_frame(ids, draws, ANSWERS)
+    want = sample_frame(ItemDraws(ids, draws), ANSWERS)
     want["n_generated"] = tokens
     want["n_prompt_tokens"] = prompt
     want["shortened"] = False
@@ -236,7 +238,7 @@ def test_frames_equal_the_local_engines_for_the_same_texts(server, processed, tm
         assert list(counts) == [meant.count(0), meant.count(1)] and n_valid == 6 - meant.count(None)
 
     draws, tokens, prompt = sent(server, predictor, items, is_verbal)
-    want = verbal_frame(ids, draws, ANSWERS)
+    want = verbal_frame(ItemDraws(ids, draws), ANSWERS)
     want["n_generated"] = tokens
     want["n_prompt_tokens"] = prompt
     want["shortened"] = False
@@ -247,7 +249,7 @@ def test_frames_equal_the_local_engines_for_the_same_texts(server, processed, tm
         np.testing.assert_allclose(p, np.mean(normed, axis=0))
 
     draws, _, _ = sent(server, predictor, items, is_format)
-    pd.testing.assert_frame_equal(formats, format_frame(ids, draws, ANSWERS))
+    pd.testing.assert_frame_equal(formats, format_frame(ItemDraws(ids, draws), ANSWERS))
     follows = [sum(d.text in FORMAT_TEXTS[:2] for d in item) for item in draws]
     assert list(formats["n_follow"]) == follows
 
@@ -281,9 +283,9 @@ def test_refusals_content_filter_and_empty_answers_are_invalid_draws(server, pro
         ][k]
 
     server.script = script
-    sample = read_api(predictor, items, "sample", n_draws=6, seed=0)
-    verbal = read_api(predictor, items, "verbal", n_draws=6, seed=0)
-    formats = read_api(predictor, items, "format", n_draws=6, seed=0)
+    sample = read_api(predictor, items, ApiReading("sample", n_draws=6, seed=0))
+    verbal = read_api(predictor, items, ApiReading("verbal", n_draws=6, seed=0))
+    formats = read_api(predictor, items, ApiReading("format", n_draws=6, seed=0))
     reasons = {"content_filter": 1, "empty": 2, "refusal": 1}
     assert json.loads(sample["invalid_reasons"][0]) == reasons
     assert sample["n_valid"][0] == 2 and not sample["valid"][0] and list(sample["p"][0]) == [1.0, 0.0]
@@ -294,14 +296,16 @@ def test_refusals_content_filter_and_empty_answers_are_invalid_draws(server, pro
     assert formats["n_follow"][0] == 2
     # the rejection is the engine's, not the parser's: the same texts unmarked read differently
     texts = [[Draw((), "I can't help with that.", True)]]
-    assert json.loads(sample_frame(["x"], texts, ANSWERS)["invalid_reasons"][0]) == {"refusal or hedge": 1}
-    assert json.loads(sample_frame(["x"], texts, ANSWERS, [["refusal"]])["invalid_reasons"][0]) == {"refusal": 1}
-    marked = verbal_frame(["x"], [[Draw((), '{"A": 1, "B": 2}', True)]], ANSWERS, [["content_filter"]])
+    assert json.loads(sample_frame(ItemDraws(["x"], texts), ANSWERS)["invalid_reasons"][0]) == {"refusal or hedge": 1}
+    assert json.loads(sample_frame(ItemDraws(["x"], texts, [["refusal"]]), ANSWERS)["invalid_reasons"][0]) == {
+        "refusal": 1
+    }
+    marked = verbal_frame(ItemDraws(["x"], [[Draw((), '{"A": 1, "B": 2}', True)]], [["content_filter"]]), ANSWERS)
     assert marked["n_valid"][0] == 0 and json.loads(marked["shares"][0]) == [None]
 
     # a server that reports no usage: the cost is unknown (-1), not 0
     server.usage = False
-    unknown = read_api(predictor, items, "sample", n_draws=6, seed=1)
+    unknown = read_api(predictor, items, ApiReading("sample", n_draws=6, seed=1))
     assert list(unknown["n_generated"]) == [-1, -1] and list(unknown["n_prompt_tokens"]) == [-1, -1]
 
 
@@ -309,7 +313,7 @@ def test_a_server_that_returns_fewer_choices_is_asked_again_for_the_rest(server,
     predictor = predictor_for(server, processed, tmp_path)
     items = items_of(processed, 3)
     server.cap = 3
-    frame = read_api(predictor, items, "sample", n_draws=7, seed=2)
+    frame = read_api(predictor, items, ApiReading("sample", n_draws=7, seed=2))
     assert len(server.calls) == 3 * 3  # 3 + 3 + 1 draws per item
     for _, row in items.iterrows():
         item = str(row["id"])
@@ -320,12 +324,12 @@ def test_a_server_that_returns_fewer_choices_is_asked_again_for_the_rest(server,
     assert list(frame["n_draws"]) == [7, 7, 7]
     draws, tokens, prompt = sent(server, predictor, items, is_sample)
     assert [len(d) for d in draws] == [7, 7, 7] and list(frame["n_generated"]) == tokens
-    want = sample_frame([str(i) for i in items["id"]], draws, ANSWERS)
+    want = sample_frame(ItemDraws([str(i) for i in items["id"]], draws), ANSWERS)
     want["n_generated"], want["n_prompt_tokens"], want["shortened"] = tokens, prompt, False
     pd.testing.assert_frame_equal(frame, want)
 
     # the rerun asks exactly the same rounds, all from the cache
-    again = read_api(predictor, items, "sample", n_draws=7, seed=2)
+    again = read_api(predictor, items, ApiReading("sample", n_draws=7, seed=2))
     assert len(server.calls) == 9
     pd.testing.assert_frame_equal(again, frame)
 
@@ -335,7 +339,7 @@ def test_more_choices_than_asked_is_an_error_naming_the_item(server, processed, 
     items = items_of(processed, 1)
     server.extra = 1
     with pytest.raises(DataError, match=rf"item '{items.iloc[0]['id']}' \(sample reading\): 3 choices came back"):
-        read_api(predictor, items, "sample", n_draws=2, seed=0)
+        read_api(predictor, items, ApiReading("sample", n_draws=2, seed=0))
 
 
 # ---------------------------------------------------------------- the cache
@@ -344,17 +348,17 @@ def test_more_choices_than_asked_is_an_error_naming_the_item(server, processed, 
 def test_a_rerun_and_a_parser_change_read_the_cache_only(server, processed, tmp_path, monkeypatch):
     predictor = predictor_for(server, processed, tmp_path)
     items = items_of(processed, 4)
-    sample = read_api(predictor, items, "sample", n_draws=5, seed=0)
-    verbal = read_api(predictor, items, "verbal", n_draws=3, seed=0)
-    formats = read_api(predictor, items, "format", n_draws=2, seed=0)
+    sample = read_api(predictor, items, ApiReading("sample", n_draws=5, seed=0))
+    verbal = read_api(predictor, items, ApiReading("verbal", n_draws=3, seed=0))
+    formats = read_api(predictor, items, ApiReading("format", n_draws=2, seed=0))
     assert len(server.calls) == 12
     assert len([p for p in (tmp_path / "cache").rglob("*.json")]) == 12
 
     # a rerun (a fresh predictor on the same cache): no request reaches the server
     again = predictor_for(server, processed, tmp_path)
-    pd.testing.assert_frame_equal(read_api(again, items, "sample", n_draws=5, seed=0), sample)
-    pd.testing.assert_frame_equal(read_api(again, items, "verbal", n_draws=3, seed=0), verbal)
-    pd.testing.assert_frame_equal(read_api(again, items, "format", n_draws=2, seed=0), formats)
+    pd.testing.assert_frame_equal(read_api(again, items, ApiReading("sample", n_draws=5, seed=0)), sample)
+    pd.testing.assert_frame_equal(read_api(again, items, ApiReading("verbal", n_draws=3, seed=0)), verbal)
+    pd.testing.assert_frame_equal(read_api(again, items, ApiReading("format", n_draws=2, seed=0)), formats)
     assert len(server.calls) == 12
 
     # a parser fix (a new version) re-parses the cached responses without a request
@@ -362,22 +366,22 @@ def test_a_rerun_and_a_parser_change_read_the_cache_only(server, processed, tmp_
     monkeypatch.setattr(
         "moralign.readings.verbal.parse_shares", lambda text, answers: parse_shares('{"A": 1, "B": 3}', answers)
     )
-    fixed = read_api(again, items, "sample", n_draws=5, seed=0)
+    fixed = read_api(again, items, ApiReading("sample", n_draws=5, seed=0))
     assert all(list(p) == [0.0, 1.0] for p in fixed["p"]) and (fixed["n_valid"] == 5).all()
-    stated = read_api(again, items, "verbal", n_draws=3, seed=0)
+    stated = read_api(again, items, ApiReading("verbal", n_draws=3, seed=0))
     assert all(list(p) == [0.25, 0.75] for p in stated["p"])
-    assert (read_api(again, items, "format", n_draws=2, seed=0)["n_follow"] == 2).all()
+    assert (read_api(again, items, ApiReading("format", n_draws=2, seed=0))["n_follow"] == 2).all()
     pd.testing.assert_series_equal(fixed["n_generated"], sample["n_generated"])
     assert len(server.calls) == 12
 
 
 def test_batch_mode_reads_the_same(server, processed, tmp_path, monkeypatch):
     items = items_of(processed, 3)
-    sync = read_api(predictor_for(server, processed, tmp_path / "sync"), items, "verbal", n_draws=4, seed=0)
+    sync = read_api(predictor_for(server, processed, tmp_path / "sync"), items, ApiReading("verbal", n_draws=4, seed=0))
     # the fake Batch API answers each line as the chat endpoint would
     monkeypatch.setattr(test_openai, "fake_completion", lambda body, answers: reply(body))
     batch = predictor_for(server, processed, tmp_path / "batch", mode="batch")
-    pd.testing.assert_frame_equal(read_api(batch, items, "verbal", n_draws=4, seed=0), sync)
+    pd.testing.assert_frame_equal(read_api(batch, items, ApiReading("verbal", n_draws=4, seed=0)), sync)
     assert len(server.uploads) == 1 and len(server.calls) == 3  # one batch of 3 lines; no chat calls
     lines = [json.loads(line) for line in server.uploads[0][1].decode().splitlines()]
     assert sorted(line["body"]["seed"] for line in lines) == sorted(b["seed"] for b in server.calls)
@@ -416,10 +420,10 @@ def test_identical_choices_everywhere_raise_a_warning(server, processed, tmp_pat
     items = items_of(processed, 5)
     server.script = lambda body, k: ("A", "stop", None)
     with caplog.at_level(logging.WARNING, logger="moralign.readings.api"):
-        read_api(predictor, items, "sample", n_draws=3, seed=0)
+        read_api(predictor, items, ApiReading("sample", n_draws=3, seed=0))
     assert "every choice is the same text" in caplog.text
     caplog.clear()
     server.script = scripted
     with caplog.at_level(logging.WARNING, logger="moralign.readings.api"):
-        read_api(predictor, items, "sample", n_draws=3, seed=1)
+        read_api(predictor, items, ApiReading("sample", n_draws=3, seed=1))
     assert "every choice is the same text" not in caplog.text

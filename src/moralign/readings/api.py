@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,7 @@ import pandas as pd
 
 from moralign.errors import DataError
 from moralign.predictors.openai import OpenAIPredictor
-from moralign.readings.cache import Draw
+from moralign.readings.cache import Draw, ItemDraws
 from moralign.readings.sample import DEFAULT_DECODING, Decoding, item_seed, sample_frame
 from moralign.readings.verbal import format_frame, max_json_tokens, share_schema, verbal_builder, verbal_frame
 
@@ -84,16 +85,33 @@ def request_seed(item_id: str, reading: str, seed: int, round_no: int = 0) -> in
     return int(state) & SEED_MASK
 
 
-def decoding_for(reading: str, answers: Sequence[str], max_new_tokens: int | None = None) -> Decoding:
-    """The sampling settings of a reading: temperature 1, top-p 1, the local engine's default length."""
-    default = {
-        "sample": DEFAULT_DECODING.max_new_tokens,
-        "verbal": max_json_tokens(answers),
-        "format": 2 * max_json_tokens(answers),
-    }
-    if reading not in default:
-        raise ValueError(f"reading must be one of {list(READINGS)}, not {reading!r}")
-    return Decoding(max_new_tokens=default[reading] if max_new_tokens is None else max_new_tokens)
+@dataclass(frozen=True)
+class ApiReading:
+    """One reading to run through an endpoint: which, its draws per item, its seed and its length.
+
+    ``reading`` is ``sample``, ``verbal`` or ``format``; ``max_new_tokens`` None is the local engine's length for
+    it. Checked when made, so a bad setting fails before any request is built or sent.
+    """
+
+    reading: str
+    n_draws: int
+    seed: int
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.reading not in READINGS:
+            raise ValueError(f"reading must be one of {list(READINGS)}, not {self.reading!r}")
+        if self.n_draws < 1:
+            raise ValueError(f"n_draws must be at least 1, not {self.n_draws}")
+
+    def decoding(self, answers: Sequence[str]) -> Decoding:
+        """The sampling settings: temperature 1, top-p 1, the local engine's default length unless one is set."""
+        default = {
+            "sample": DEFAULT_DECODING.max_new_tokens,
+            "verbal": max_json_tokens(answers),
+            "format": 2 * max_json_tokens(answers),
+        }[self.reading]
+        return Decoding(max_new_tokens=default if self.max_new_tokens is None else self.max_new_tokens)
 
 
 def request_body(
@@ -152,38 +170,20 @@ def draw_of(choice: dict[str, Any]) -> tuple[Draw, str | None]:
     return Draw((), text, finish == "stop"), reason
 
 
-def reading_requests(
-    predictor: OpenAIPredictor,
-    items: pd.DataFrame,
-    reading: str,
-    *,
-    n_draws: int,
-    seed: int,
-    max_new_tokens: int | None = None,
-) -> list[dict[str, Any]]:
+def reading_requests(predictor: OpenAIPredictor, items: pd.DataFrame, spec: ApiReading) -> list[dict[str, Any]]:
     """The first request of each item, in order: what :func:`read_api` sends first, and what a dry run prices.
 
     A server that returns fewer choices than ``n`` adds requests for the missing draws (module docstring).
     """
-    decoding = decoding_for(reading, predictor.builder.answers, max_new_tokens)
-    if n_draws < 1:
-        raise ValueError(f"n_draws must be at least 1, not {n_draws}")
-    messages = reading_messages(predictor, items, reading)
+    decoding = spec.decoding(predictor.builder.answers)
+    messages = reading_messages(predictor, items, spec.reading)
     return [
-        request_body(predictor, m, reading, n_draws, request_seed(str(i), reading, seed), decoding)
+        request_body(predictor, m, spec.reading, spec.n_draws, request_seed(str(i), spec.reading, spec.seed), decoding)
         for i, m in zip(items["id"], messages, strict=True)
     ]
 
 
-def read_api(
-    predictor: OpenAIPredictor,
-    items: pd.DataFrame,
-    reading: str,
-    *,
-    n_draws: int,
-    seed: int,
-    max_new_tokens: int | None = None,
-) -> pd.DataFrame:
+def read_api(predictor: OpenAIPredictor, items: pd.DataFrame, spec: ApiReading) -> pd.DataFrame:
     """The ``sample``, ``verbal`` or ``format`` reading of ``items`` through the predictor's endpoint.
 
     Returns the frame :func:`~moralign.readings.sample.read_sample`,
@@ -191,8 +191,9 @@ def read_api(
     returns for a local model; the requests and rules are in the module docstring. ``extract.debias`` does not
     apply: like the local engine, a reading draws from the prompt as written.
     """
+    reading, n_draws, seed = spec.reading, spec.n_draws, spec.seed
     ids = [str(i) for i in items["id"]]
-    bodies = reading_requests(predictor, items, reading, n_draws=n_draws, seed=seed, max_new_tokens=max_new_tokens)
+    bodies = reading_requests(predictor, items, spec)
     draws: list[list[Draw]] = [[] for _ in ids]
     rejected: list[list[str | None]] = [[] for _ in ids]
     generated = [0] * len(ids)
@@ -247,9 +248,10 @@ def read_api(
             reading,
             multi,
         )
+    drawn = ItemDraws(ids, draws, rejected)
     if reading == "format":
-        return format_frame(ids, draws, predictor.builder.answers, rejected)
-    frame = (sample_frame if reading == "sample" else verbal_frame)(ids, draws, predictor.builder.answers, rejected)
+        return format_frame(drawn, predictor.builder.answers)
+    frame = (sample_frame if reading == "sample" else verbal_frame)(drawn, predictor.builder.answers)
     frame["n_generated"] = generated
     frame["n_prompt_tokens"] = prompt_tokens
     frame["shortened"] = False

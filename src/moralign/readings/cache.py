@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from moralign.errors import DataError
 from moralign.io import atomic_path
+
+T = TypeVar("T")
 
 
 def canonical_json(obj: Any) -> str:
@@ -68,6 +71,38 @@ class Draw:
     def describe(self) -> dict[str, Any]:
         """JSON-able form."""
         return {"ids": list(self.ids), "text": self.text, "stopped": self.stopped}
+
+
+@dataclass(frozen=True)
+class ItemDraws:
+    """The raw completions of a batch of items: what every reading's frame is parsed from.
+
+    ``rejected`` (per item, per draw: a reason or None) marks draws that are invalid whatever their text says,
+    such as an API's content-filter stops (:mod:`moralign.readings.api`); they are never parsed. The local
+    engine rejects nothing and leaves it None.
+    """
+
+    ids: Sequence[str]
+    draws: Sequence[Sequence[Draw]]
+    rejected: Sequence[Sequence[str | None]] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.draws) != len(self.ids):
+            raise ValueError(f"{len(self.ids)} item ids for the draws of {len(self.draws)} items")
+        if self.rejected is not None and [len(r) for r in self.rejected] != [len(d) for d in self.draws]:
+            raise ValueError("rejected must give one entry (a reason or None) per draw of each item")
+
+    def parse(self, parser: Callable[[str], T], reject: Callable[[str], T]) -> list[list[T]]:
+        """Each item's draws read by ``parser``; a rejected draw is ``reject(reason)``, its text unread."""
+        rejected = [[None] * len(d) for d in self.draws] if self.rejected is None else self.rejected
+        return [
+            [reject(reason) if reason else parser(d.text) for d, reason in zip(item, reasons, strict=True)]
+            for item, reasons in zip(self.draws, rejected, strict=True)
+        ]
+
+    def generated(self) -> list[int]:
+        """Tokens generated per item (its cost): every draw's tokens, the stop token counted where one ended it."""
+        return [sum(len(d.ids) + d.stopped for d in item) for item in self.draws]
 
 
 class GenerationCache:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from moralign import extraction as ex
 from moralign.prompts import PromptBuilder
-from moralign.readings.cache import Draw, GenerationCache, Request, canonical_json
+from moralign.readings.cache import Draw, GenerationCache, ItemDraws, Request, canonical_json
 from moralign.readings.parse import VERSIONS, Parsed, parse_answer
 
 log = logging.getLogger(__name__)
@@ -344,29 +344,20 @@ def generate_cached(
     return found
 
 
-def sample_frame(
-    ids: Sequence[str],
-    draws: Sequence[Sequence[Draw]],
-    answers: Sequence[str],
-    rejected: Sequence[Sequence[str | None]] | None = None,
-) -> pd.DataFrame:
+def sample_frame(drawn: ItemDraws, answers: Sequence[str]) -> pd.DataFrame:
     """The ``sample`` reading's predictions frame, parsed anew from raw completions.
 
     Columns: ``id``; ``p`` = counts / valid draws (NaN where no draw is valid); ``coverage`` = the valid share of
     the draws; ``valid`` (at least :data:`MIN_VALID_SHARE` of the draws valid: an invalid item is kept and
     flagged, never dropped); ``n_valid``, ``n_draws``, ``counts`` (per choice); ``invalid_reasons`` (reason ->
     count); ``n_generated`` (tokens generated for the item, its cost). ``attrs["parser_version"]`` says which
-    parser read them. ``rejected`` (per item, per draw: a reason or None) marks draws that are invalid whatever
-    their text says, such as an API's content-filter stops (:mod:`moralign.readings.api`); they are not parsed.
+    parser read them. A rejected draw (:class:`~moralign.readings.cache.ItemDraws`) is invalid with its reason.
     """
     rows = []
-    for item_id, item_draws, item_rejected in zip(ids, draws, _per_draw(rejected, draws), strict=True):
-        parsed = [
-            Parsed(None, reason) if reason else parse_answer(d.text, answers)
-            for d, reason in zip(item_draws, item_rejected, strict=True)
-        ]
+    read = drawn.parse(lambda text: parse_answer(text, answers), lambda reason: Parsed(None, reason))
+    for item_id, parsed, generated in zip(drawn.ids, read, drawn.generated(), strict=True):
         counts = np.bincount([p.choice for p in parsed if p.valid], minlength=len(answers))
-        n_valid, n = int(counts.sum()), len(item_draws)
+        n_valid, n = int(counts.sum()), len(parsed)
         reasons: dict[str, int] = {}
         for p in parsed:
             if not p.valid:
@@ -381,19 +372,12 @@ def sample_frame(
                 "n_draws": n,
                 "counts": counts,
                 "invalid_reasons": canonical_json(reasons),
-                "n_generated": sum(len(d.ids) + d.stopped for d in item_draws),
+                "n_generated": generated,
             }
         )
     frame = pd.DataFrame(rows)
     frame.attrs["parser_version"] = VERSIONS["sample"]
     return frame
-
-
-def _per_draw(
-    rejected: Sequence[Sequence[str | None]] | None, draws: Sequence[Sequence[Draw]]
-) -> Sequence[Sequence[str | None]]:
-    """``rejected``, or no rejection for any draw."""
-    return [[None] * len(d) for d in draws] if rejected is None else rejected
 
 
 def model_identity(sampler: Sampler, identity: dict[str, Any]) -> dict[str, Any]:
@@ -443,7 +427,7 @@ def read_sample(
         for item_id, e in zip(ids, encoded, strict=True)
     ]
     draws = generate_cached(r.sampler, r.tokenizer, requests, decoding, r.cache)
-    frame = sample_frame(ids, draws, r.builder.answers)
+    frame = sample_frame(ItemDraws(ids, draws), r.builder.answers)
     frame["n_prompt_tokens"] = [len(e.ids) for e in encoded]
     frame["shortened"] = [e.shortened for e in encoded]
     return frame

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from moralign.prompts import PromptBuilder
-from moralign.readings.cache import Draw, Request, canonical_json
+from moralign.readings.cache import ItemDraws, Request, canonical_json
 from moralign.readings.parse import VERSIONS, Shares, parse_shares
 from moralign.readings.sample import (
     MIN_VALID_SHARE,
@@ -151,33 +151,12 @@ class JsonConstraint:
         return {"library": "xgrammar", "json_schema": self.schema, "separators": list(SEPARATORS)}
 
 
-def _parsed_shares(
-    ids: Sequence[str],
-    draws: Sequence[Sequence[Draw]],
-    answers: Sequence[str],
-    rejected: Sequence[Sequence[str | None]] | None,
-) -> list[tuple[str, list[Shares]]]:
-    """Each item's draws read by the share rule; a rejected draw (a reason) is invalid with it, unparsed."""
-    if rejected is None:
-        rejected = [[None] * len(d) for d in draws]
-    return [
-        (
-            item_id,
-            [
-                Shares(None, reason) if reason else parse_shares(d.text, answers)
-                for d, reason in zip(item_draws, item_rejected, strict=True)
-            ],
-        )
-        for item_id, item_draws, item_rejected in zip(ids, draws, rejected, strict=True)
-    ]
+def _shares(drawn: ItemDraws, answers: Sequence[str]) -> list[list[Shares]]:
+    """Each item's draws read by the share rule; a rejected draw is invalid with its reason, unparsed."""
+    return drawn.parse(lambda text: parse_shares(text, answers), lambda reason: Shares(None, reason))
 
 
-def verbal_frame(
-    ids: Sequence[str],
-    draws: Sequence[Sequence[Draw]],
-    answers: Sequence[str],
-    rejected: Sequence[Sequence[str | None]] | None = None,
-) -> pd.DataFrame:
+def verbal_frame(drawn: ItemDraws, answers: Sequence[str]) -> pd.DataFrame:
     """The ``verbal`` reading's predictions frame, parsed anew from raw completions.
 
     Columns: ``id``; ``p`` = the mean over valid draws of each draw divided by its sum (NaN where none is
@@ -185,11 +164,10 @@ def verbal_frame(
     ``n_valid``, ``n_draws``; ``shares`` and ``sums`` (JSON text: each draw's percentages and their sum, null
     where it did not parse); ``sum_gap`` = mean |sum - 100| over parsed draws; ``p_single`` and
     ``valid_single`` = draw 0 alone; ``invalid_reasons``; ``n_generated``. ``attrs["parser_version"]`` is set.
-    ``rejected`` (per item, per draw: a reason or None) marks draws invalid whatever their text, such as an
-    API's content-filter stops (:mod:`moralign.readings.api`).
+    A rejected draw (:class:`~moralign.readings.cache.ItemDraws`) is invalid with its reason.
     """
     rows = []
-    for (item_id, parsed), item_draws in zip(_parsed_shares(ids, draws, answers, rejected), draws, strict=True):
+    for item_id, parsed, generated in zip(drawn.ids, _shares(drawn, answers), drawn.generated(), strict=True):
         normed = [np.array(s.values, dtype=float) / s.total for s in parsed if s.valid]
         sums = [s.total for s in parsed]
         gaps = [abs(t - 100) for t in sums if t is not None]
@@ -213,7 +191,7 @@ def verbal_frame(
                 "p_single": np.array(first.values, dtype=float) / first.total if first.valid else nan,
                 "valid_single": first.valid,
                 "invalid_reasons": canonical_json(reasons),
-                "n_generated": sum(len(d.ids) + d.stopped for d in item_draws),
+                "n_generated": generated,
             }
         )
     frame = pd.DataFrame(rows)
@@ -262,7 +240,7 @@ def read_verbal(
     ids, encoded, requests = _requests(reader, items, n_draws, seed, decoding, constraint)
     matchers = lambda _: lambda _k: constraint.matcher()  # noqa: E731  (one fresh matcher per draw)
     draws = generate_cached(sampler, reader.tokenizer, requests, decoding, reader.cache, matchers)
-    frame = verbal_frame(ids, draws, answers)
+    frame = verbal_frame(ItemDraws(ids, draws), answers)
     frame["n_prompt_tokens"] = [len(e.ids) for e in encoded]
     frame["shortened"] = [e.shortened for e in encoded]
     return frame
@@ -289,21 +267,16 @@ def read_format_following(
     decoding = Decoding(max_new_tokens=max_new_tokens or 2 * max_json_tokens(builder.answers), temperature=temperature)
     ids, _, requests = _requests(reader, items, n_draws, seed, decoding, None)
     draws = generate_cached(reader.sampler, reader.tokenizer, requests, decoding, reader.cache)
-    return format_frame(ids, draws, builder.answers)
+    return format_frame(ItemDraws(ids, draws), builder.answers)
 
 
-def format_frame(
-    ids: Sequence[str],
-    draws: Sequence[Sequence[Draw]],
-    answers: Sequence[str],
-    rejected: Sequence[Sequence[str | None]] | None = None,
-) -> pd.DataFrame:
+def format_frame(drawn: ItemDraws, answers: Sequence[str]) -> pd.DataFrame:
     """The format-following frame of unconstrained draws (:func:`read_format_following`), parsed anew.
 
-    ``rejected`` as in :func:`verbal_frame`: such a draw does not follow the format, with that reason.
+    A rejected draw (:class:`~moralign.readings.cache.ItemDraws`) does not follow the format, with its reason.
     """
     rows = []
-    for item_id, parsed in _parsed_shares(ids, draws, answers, rejected):
+    for item_id, parsed in zip(drawn.ids, _shares(drawn, answers), strict=True):
         reasons: dict[str, int] = {}
         for s in parsed:
             if s.values is None:

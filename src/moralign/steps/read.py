@@ -74,7 +74,7 @@ def _api_readers(
     cfg: Config, model: str, dataset: str, condition: str, inputs: predictors.CellInputs
 ) -> tuple[dict[str, Callable[[pd.DataFrame], pd.DataFrame]], dict[str, Any]]:
     """An API model's readings: the same requests through its endpoint and response cache."""
-    from moralign.readings.api import read_api
+    from moralign.readings.api import ApiReading, read_api
 
     settings = cfg["readings"]
     predictor = predictors.build(cfg, model, dataset, condition, inputs)
@@ -83,13 +83,14 @@ def _api_readers(
         "sample": lambda items: read_api(
             predictor,
             items,
-            "sample",
-            n_draws=sample["n_draws"],
-            seed=sample["seed"],
-            max_new_tokens=sample["max_new_tokens"],
+            ApiReading(
+                "sample", n_draws=sample["n_draws"], seed=sample["seed"], max_new_tokens=sample["max_new_tokens"]
+            ),
         ),
-        "verbal": lambda items: read_api(predictor, items, "verbal", n_draws=verbal["n_draws"], seed=verbal["seed"]),
-        FORMAT: lambda items: read_api(predictor, items, "format", n_draws=1, seed=verbal["seed"]),
+        "verbal": lambda items: read_api(
+            predictor, items, ApiReading("verbal", n_draws=verbal["n_draws"], seed=verbal["seed"])
+        ),
+        FORMAT: lambda items: read_api(predictor, items, ApiReading("format", n_draws=1, seed=verbal["seed"])),
     }
     return readers, {**predictor.provenance, "model": model, "condition": condition, "dataset": dataset}
 
