@@ -18,6 +18,7 @@ from moralign.data import ANECDOTE_LABELS, counts_matrix
 from moralign.errors import DataError
 from moralign.inputs import check_predictions
 from moralign.modeling import load_tokenizer
+from moralign.predictors import CellInputs
 from moralign.predictors.encoder import EncoderPredictor
 from moralign.scoring import score_cell
 from moralign.steps import extract, fetch_model, train_encoder
@@ -437,7 +438,14 @@ def test_train_then_extract_then_score(arch, dataset, bases, processed, tmp_path
     assert meta["best_epoch"] == 1 + int(np.argmin(calibrated)) and meta["selection"] == "dev_calibrated_xentropy"
     assert not out.with_name("encoder.checkpoints").exists()
     pred = tmp_path / "pred"
-    extract.run(cfg.restrict(["extract", f"models.{model}"]), model, dataset, "trained", data, pred, bases[arch], out)
+    extract.run(
+        cfg.restrict(["extract", f"models.{model}"]),
+        model,
+        dataset,
+        "trained",
+        CellInputs(data, bases[arch], out),
+        pred,
+    )
     check_predictions(pred, data, dataset, ["dev", "test"], model=model, condition="trained")
     frame = pd.read_parquet(pred / "test.parquet")
     assert (frame["coverage"] == 1).all()
@@ -480,7 +488,7 @@ def test_dirichlet_multinomial_model_is_scored_with_its_own_alpha(dataset, bases
     cfg = validate(small_config(epochs=1, loss="dirichlet-multinomial"))
     data, out, pred = processed[dataset], tmp_path / "encoder", tmp_path / "pred"
     train_encoder.run(cfg, "tiny-bert", dataset, data, bases["bert"], out)
-    extract.run(cfg, "tiny-bert", dataset, "trained", data, pred, bases["bert"], out)
+    extract.run(cfg, "tiny-bert", dataset, "trained", CellInputs(data, bases["bert"], out), pred)
     frame = pd.read_parquet(pred / "test.parquet")
     gold = pd.read_parquet(data / "test.parquet").set_index("id").loc[frame["id"]]
     # reference: the saved model run by transformers itself, one item at a time, on the tokenizer's own inputs
@@ -640,7 +648,14 @@ def test_training_resumes_after_sigkill_with_the_same_predictions(raw_dir, proce
     assert resumed["resumed_from"]["epoch"] == 1 and resumed["resumed_from"]["batch"] >= seen["batch"]
     assert [h["dev_xentropy"] for h in resumed["history"]] == [h["dev_xentropy"] for h in whole["history"]]
     for name in ("whole", "killed"):
-        extract.run(cfg, "tiny-roberta", "anecdotes", "trained", data, tmp_path / f"pred-{name}", base, tmp_path / name)
+        extract.run(
+            cfg,
+            "tiny-roberta",
+            "anecdotes",
+            "trained",
+            CellInputs(data, base, tmp_path / name),
+            tmp_path / f"pred-{name}",
+        )
     for split in ("dev", "test"):
         a = pd.read_parquet(tmp_path / "pred-whole" / f"{split}.parquet")
         b = pd.read_parquet(tmp_path / "pred-killed" / f"{split}.parquet")

@@ -9,6 +9,7 @@ from moralign import extraction as ex
 from moralign.data import TASKS
 from moralign.modeling import load_model, load_tokenizer
 from moralign.plain_text import encode_text
+from moralign.predictors import CellInputs
 from moralign.prompts import TRUNCATION_MARK, PromptBuilder, fold_system, select_shots
 
 SPEC = {
@@ -216,7 +217,9 @@ def test_debias_swap_averages_both_orders(tmp_path, tiny_models, processed):
     outs = {}
     for mode in ("none", "swap"):
         raw["extract"]["debias"] = mode
-        extract.run(validate(raw), "tiny-llama", "dilemmas", "base", processed["dilemmas"], tmp_path / mode, base)
+        extract.run(
+            validate(raw), "tiny-llama", "dilemmas", "base", CellInputs(processed["dilemmas"], base), tmp_path / mode
+        )
         outs[mode] = pd.read_parquet(tmp_path / mode / "dev.parquet")
     # the reference: the same items with their actions exchanged in the data, scored plainly
     (tmp_path / "swapped").mkdir()
@@ -225,13 +228,17 @@ def test_debias_swap_averages_both_orders(tmp_path, tiny_models, processed):
             columns={"action1": "action2", "action2": "action1"}
         ).to_parquet(tmp_path / "swapped" / f"{split}.parquet")
     raw["extract"]["debias"] = "none"
-    extract.run(validate(raw), "tiny-llama", "dilemmas", "base", tmp_path / "swapped", tmp_path / "rev", base)
+    extract.run(
+        validate(raw), "tiny-llama", "dilemmas", "base", CellInputs(tmp_path / "swapped", base), tmp_path / "rev"
+    )
     reverse = pd.read_parquet(tmp_path / "rev" / "dev.parquet")
     p_none, p_rev = np.stack(outs["none"]["p"]), np.stack(reverse["p"])[:, ::-1]
     np.testing.assert_allclose(np.stack(outs["swap"]["p"]), (p_none + p_rev) / 2, atol=1e-9)
     with pytest.raises(ValueError, match="debias: swap"):
         raw["extract"]["debias"] = "swap"
-        extract.run(validate(raw), "tiny-llama", "anecdotes", "base", processed["anecdotes"], tmp_path / "a", base)
+        extract.run(
+            validate(raw), "tiny-llama", "anecdotes", "base", CellInputs(processed["anecdotes"], base), tmp_path / "a"
+        )
 
 
 ANECDOTE_SPEC = {
@@ -314,7 +321,7 @@ def test_extract_records_shortened_items(tmp_path, tiny_models, processed):
     )
     lengths = [len(builder.encode(tok, r).ids) for _, r in frame.head(10).iterrows()]
     raw["extract"]["max_length"] = limit = sorted(lengths)[-4] + 1  # the three long items are over it
-    extract.run(validate(raw), "tiny-llama", "anecdotes", "base", data, tmp_path / "out", base)
+    extract.run(validate(raw), "tiny-llama", "anecdotes", "base", CellInputs(data, base), tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     out = pd.read_parquet(tmp_path / "out" / "dev.parquet")
     assert summary["splits"]["dev"]["shortened_items"] == 3

@@ -30,6 +30,7 @@ import yaml
 from werkzeug import Request, Response
 
 from moralign.config import ConfigError, validate
+from moralign.predictors import CellInputs
 from moralign.predictors.openai import answer_distribution, chat_tokens
 from moralign.predictors.openai_transport import ENDPOINT, RequestLimitError, ServerFaultError, request_key
 from moralign.steps import extract, score
@@ -386,7 +387,13 @@ def fake(httpserver):
 def run_extract(raw, processed, tmp_path, name="out", dataset="dilemmas", **kw):
     out = tmp_path / name / dataset / "fake-4o" / "base"
     plan = extract.run(
-        validate(raw), "fake-4o", dataset, "base", processed[dataset], out, cache_dir=tmp_path / "cache", **kw
+        validate(raw),
+        "fake-4o",
+        dataset,
+        "base",
+        CellInputs(processed[dataset], cache_dir=tmp_path / "cache"),
+        out,
+        **kw,
     )
     return plan if kw.get("dry_run") else out
 
@@ -804,9 +811,10 @@ CHILD = """
 import json, sys
 from pathlib import Path
 from moralign.config import validate
+from moralign.predictors import CellInputs
 from moralign.steps import extract
 raw, data, out, cache = json.loads(Path(sys.argv[1]).read_text()), *map(Path, sys.argv[2:5])
-extract.run(validate(raw), "fake-4o", "dilemmas", "base", data, out, cache_dir=cache)
+extract.run(validate(raw), "fake-4o", "dilemmas", "base", CellInputs(data, cache_dir=cache), out)
 """
 
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from moralign.config import Config, ConfigError, load_config
 from moralign.errors import DataError
 from moralign.io import setup_logging
+
+T = TypeVar("T")
+# The arguments every step takes (parser), used by start() rather than passed to the step
+OWN = ("config", "sections", "log")
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -39,8 +45,10 @@ def training_parser(doc: str | None, seeds: str) -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--seed", type=int, default=0, help=f"training seed (one of {seeds})")
     p.add_argument("--data-dir", required=True, type=Path)
-    p.add_argument("--base", required=True, type=Path, help="folder of the base model (fetch_model's output)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--base", required=True, type=Path, dest="base_dir", help="folder of the base model (fetch_model's output)"
+    )
+    p.add_argument("--out", required=True, type=Path, dest="out_dir")
     return p
 
 
@@ -74,6 +82,24 @@ def start(args: argparse.Namespace) -> Config:
     setup_logging(args.log)
     cfg = load_config(args.config)
     return cfg if args.sections is None else cfg.restrict(args.sections)
+
+
+def take(args: argparse.Namespace, *names: str) -> list[Any]:
+    """The values of ``names``, removed from ``args``: the script hands them to the step in another form."""
+    return [vars(args).pop(name) for name in names]
+
+
+def call(step: Callable[..., T], args: argparse.Namespace, **extra: Any) -> T:
+    """``step(config, **arguments)``: the configuration (:func:`start`), then every parsed argument by its name.
+
+    By name, not position, so an argument cannot land in another's parameter; one the step does not take is an
+    error rather than silently unused. ``extra``: what the script built from arguments it took (:func:`take`).
+    """
+    given = {k: v for k, v in vars(args).items() if k not in OWN} | extra
+    unknown = sorted(set(given) - set(inspect.signature(step).parameters))
+    if unknown:
+        raise TypeError(f"{step.__module__}.{step.__name__} takes no argument {', '.join(unknown)}")
+    return step(start(args), **given)
 
 
 def run(main: Callable[[Sequence[str] | None], None]) -> None:

@@ -15,8 +15,7 @@ def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--archive", required=True, choices=["anecdotes", "dilemmas"])
     p.add_argument("--out", required=True, type=Path)
-    args = p.parse_args(argv)
-    download.run(cli.start(args), args.archive, args.out)
+    cli.call(download.run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Examples:
 import json
 
 from moralign import cli
+from moralign.predictors import CellInputs
 from moralign.steps import extract
 
 
@@ -23,20 +24,8 @@ def main(argv=None):
     p = cli.cell_parser(__doc__)
     p.add_argument("--dry-run", action="store_true", help="print the plan (requests, tokens, cost) and stop")
     args = p.parse_args(argv)
-    cfg = cli.start(args)
-    plan = extract.run(
-        cfg,
-        args.model,
-        args.dataset,
-        args.condition,
-        args.data_dir,
-        args.out_dir,
-        args.base,
-        args.adapter,
-        args.cache_dir,
-        args.dry_run,
-        args.base_quantization,
-    )
+    inputs = CellInputs(*cli.take(args, "data_dir", "base", "adapter", "cache_dir", "base_quantization"))
+    plan = cli.call(extract.run, args, inputs=inputs)
     if args.dry_run:
         print(json.dumps(plan, indent=2, sort_keys=True))
 

@@ -18,8 +18,7 @@ def main(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--archives", nargs="*", type=Path, default=[], help="sample text for a built model's tokenizer")
     p.add_argument("--out", required=True, type=Path)
-    args = p.parse_args(argv)
-    fetch_model.run(cli.start(args), args.model, args.archives, args.out)
+    cli.call(fetch_model.run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Example:
         --out models/paper/adapters/anecdotes/mistral-7b-instruct-v0.3/soft/seed-0
 """
 
-
 from moralign import cli
 from moralign.steps import finetune
 
@@ -15,8 +14,7 @@ from moralign.steps import finetune
 def main(argv=None):
     p = cli.training_parser(__doc__, "finetune.seeds")
     p.add_argument("--recipe", required=True)
-    args = p.parse_args(argv)
-    finetune.run(cli.start(args), args.model, args.dataset, args.recipe, args.data_dir, args.base, args.out, args.seed)
+    cli.call(finetune.run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ def main(argv=None):
     p.add_argument("--dataset", required=True)
     p.add_argument("--archive", required=True, type=Path, help="the dataset's release archive")
     p.add_argument("--out-dir", required=True, type=Path)
-    args = p.parse_args(argv)
-    prepare.run(cli.start(args), args.dataset, args.archive, args.out_dir)
+    cli.call(prepare.run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ from moralign.steps import read
 
 
 def main(argv=None):
-    p = cli.cell_parser(__doc__)
-    args = p.parse_args(argv)
-    inputs = CellInputs(args.data_dir, args.base, args.adapter, args.cache_dir, args.base_quantization)
-    read.run(cli.start(args), args.model, args.dataset, args.condition, inputs, args.out_dir)
+    args = cli.cell_parser(__doc__).parse_args(argv)
+    inputs = CellInputs(*cli.take(args, "data_dir", "base", "adapter", "cache_dir", "base_quantization"))
+    cli.call(read.run, args, inputs=inputs)
 
 
 if __name__ == "__main__":

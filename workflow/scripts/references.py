@@ -16,8 +16,7 @@ def main(argv=None):
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-dir", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
-    args = p.parse_args(argv)
-    references.run(cli.start(args), args.dataset, args.data_dir, args.out)
+    cli.call(references.run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

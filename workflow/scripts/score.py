@@ -21,22 +21,13 @@ def main(argv=None):
     p.add_argument("--condition", required=True)
     p.add_argument("--seed", type=int, help="training seed of a trained cell (none for a base condition)")
     p.add_argument("--data-dir", required=True, type=Path)
-    p.add_argument("--predictions", required=True, type=Path)
-    p.add_argument("--baseline", type=Path, help="base-condition predictions, for paired differences")
+    p.add_argument("--predictions", required=True, type=Path, dest="pred_dir")
+    p.add_argument(
+        "--baseline", type=Path, dest="baseline_dir", help="base-condition predictions, for paired differences"
+    )
     p.add_argument("--out", required=True, type=Path, help="the cell's scores (JSON)")
     p.add_argument("--items", required=True, type=Path, help="per-item metrics (Parquet)")
-    args = p.parse_args(argv)
-    score.run(
-        cli.start(args),
-        args.dataset,
-        args.condition,
-        args.data_dir,
-        args.predictions,
-        args.out,
-        args.items,
-        args.baseline,
-        args.seed,
-    )
+    cli.call(score.run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

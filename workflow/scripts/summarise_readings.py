@@ -19,24 +19,22 @@ def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-dir", required=True, type=Path)
-    p.add_argument("--predictions", required=True, nargs="+", type=Path, help="extract's folder of each read cell")
-    p.add_argument("--readings", required=True, nargs="+", type=Path, help="the read step's folder of each cell")
+    p.add_argument(
+        "--predictions",
+        required=True,
+        nargs="+",
+        type=Path,
+        dest="pred_dirs",
+        help="extract's folder of each read cell",
+    )
+    p.add_argument(
+        "--readings", required=True, nargs="+", type=Path, dest="read_dirs", help="the read step's folder of each cell"
+    )
     p.add_argument("--table", required=True, type=Path)
     p.add_argument("--markdown", required=True, type=Path)
     p.add_argument("--differences", required=True, type=Path)
-    p.add_argument("--figures", required=True, type=Path, help="folder of the figures")
-    args = p.parse_args(argv)
-    summarise_readings.run(
-        cli.start(args),
-        args.dataset,
-        args.data_dir,
-        args.predictions,
-        args.readings,
-        args.table,
-        args.markdown,
-        args.differences,
-        args.figures,
-    )
+    p.add_argument("--figures", required=True, type=Path, dest="figures_dir", help="folder of the figures")
+    cli.call(summarise_readings.run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

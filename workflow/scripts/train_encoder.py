@@ -6,14 +6,12 @@ Example:
         --base models/paper/base/roberta-large --out models/paper/encoders/anecdotes/roberta-large/seed-0
 """
 
-
 from moralign import cli
 from moralign.steps import train_encoder
 
 
 def main(argv=None):
-    args = cli.training_parser(__doc__, "encoder.seeds").parse_args(argv)
-    train_encoder.run(cli.start(args), args.model, args.dataset, args.data_dir, args.base, args.out, args.seed)
+    cli.call(train_encoder.run, cli.training_parser(__doc__, "encoder.seeds").parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,9 @@ def run(
     model: str,
     dataset: str,
     condition: str,
-    data_dir: Path,
+    inputs: predictors.CellInputs,
     out_dir: Path,
-    base_dir: Path | None = None,
-    adapter_dir: Path | None = None,
-    cache_dir: Path | None = None,
     dry_run: bool = False,
-    base_quantization: str | None = None,
 ) -> dict[str, Any]:
     """Write ``<split>.parquet`` (resumable shards), ``<split>.prompts.txt`` and ``summary.json`` to ``out_dir``.
 
@@ -38,10 +34,9 @@ def run(
     nothing else happens.
     """
     settings = cfg["extract"]
-    inputs = predictors.CellInputs(data_dir, base_dir, adapter_dir, cache_dir, base_quantization)
     predictor = predictors.build(cfg, model, dataset, condition, inputs)
     frames = {
-        split: evaluated_items(pd.read_parquet(data_dir / f"{split}.parquet"), settings["max_items"])
+        split: evaluated_items(pd.read_parquet(inputs.data_dir / f"{split}.parquet"), settings["max_items"])
         for split in settings["splits"]
     }
     plan = predictor.plan(frames)
