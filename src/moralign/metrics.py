@@ -1,4 +1,4 @@
-"""Metrics of model distributions against human vote distributions (design.md §5).
+"""Metrics of model distributions against human vote distributions (docs/design.md, "Metrics").
 
 Notation: counts y (items x choices), N = y.sum(1), human distribution h = y / N, model distribution p
 (given as log p). Everything is computed in log space; p is never clipped. All functions are vectorised over
