@@ -39,10 +39,11 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 ANECDOTE_LENGTHS = {"median": 420, "sigma": 0.45, "min": 64, "max": 2048}
 
 
-def anecdote_lengths(n: int, seed: int = 0, scale: int = 1) -> np.ndarray:
+def anecdote_lengths(n: int, seed: int | np.random.Generator = 0, scale: int = 1) -> np.ndarray:
     """``n`` prompt lengths of the anecdotes distribution; ``scale`` > 1 divides them for tiny shapes (16..512).
 
-    The distribution gpu_extract.py draws from (the one the GPU extraction figures were measured on).
+    The distribution the GPU extraction figures were measured on (gpu_extract.py). A Generator as ``seed`` is drawn
+    from (and advanced), for a caller that draws the prompts' tokens from the same stream.
     """
     d = ANECDOTE_LENGTHS
     rng = np.random.default_rng(seed)

@@ -66,6 +66,54 @@ def non_embedding_params(net) -> int:
     return sum(p.numel() for n, p in net.named_parameters() if "embeddings" not in n)
 
 
+LENGTHS = "anecdotes lognormal median 380 capped 512; dilemma actions median 14 capped 96"  # what synthetic_data draws
+
+
+def synthetic_data(shape: dict, tiny: bool, steps: int, batch_size: int, n_items: int) -> tuple[Split, list, list]:
+    """The training split (anecdotes with random vote counts, ``batch_size`` for the warm-up step and for each of
+    ``steps`` more), ``n_items`` anecdotes to predict and 0.936 x as many dilemmas (two actions each), with the
+    lengths of :data:`LENGTHS` (anecdotes / 4, capped at 128, when tiny).
+
+    One seeded generator draws them all, in this order: gpu_encoder.py and gpu_suite.py's ``encoder`` part run on the
+    same items.
+    """
+    n_train = batch_size * (steps + 1)
+    rng = np.random.default_rng(0)
+    cap = 128 if tiny else 512
+    lengths = np.clip(rng.lognormal(np.log(380), 0.45, size=n_train + n_items).astype(int), 16, 512)
+    lengths = np.minimum(lengths // (4 if tiny else 1) + 4, cap)
+    n_dilemmas = round(n_items * 0.936)
+    action_lengths = np.clip(rng.lognormal(np.log(14), 0.4, size=2 * n_dilemmas).astype(int), 4, 96)
+    anecdotes = items(rng, lengths, 1, shape["vocab_size"])
+    dilemmas = items(rng, action_lengths, 2, shape["vocab_size"])
+    train = Split(anecdotes[:n_train], rng.integers(0, 20, size=(n_train, 2)) + 1)
+    return train, anecdotes[n_train:], dilemmas
+
+
+def warm_trainer(
+    shape: dict, device: torch.device, train: Split, batch_size: int, token_budget: int, steps: int
+) -> tuple[EncoderModel, Trainer, list]:
+    """The anecdotes head's Trainer (float32 weights, bfloat16 autocast on CUDA, AdamW, micro-batches under
+    ``token_budget``) after one warm-up step (kernels, allocator), scheduled for ``steps`` more.
+
+    Returns the model, the trainer and the batches left to time (length-sorted pools, as in training).
+    """
+    model = random_encoder(shape, HEAD_SEQUENCE, device, torch.float32)
+    settings = {
+        "loss": "xentropy-soft",
+        "learning_rate": 1e-5,
+        "weight_decay": 0.01,
+        "warmup_proportion": 0.1,
+        "token_budget": token_budget,
+    }
+    trainer = Trainer(model, settings, Path(tempfile.gettempdir()), "benchmark")  # step() writes no checkpoint
+    trainer.schedule(steps + 1)
+    model.net.train()
+    batches = epoch_batches(train.lengths, batch_size, seed=0, epoch=0)
+    trainer.step(train, batches[0])
+    return model, trainer, batches[1:]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="small shape on CPU")
@@ -81,41 +129,20 @@ def main() -> None:
     shape = TINY if args.tiny else ROBERTA_LARGE
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; shape: {'tiny' if args.tiny else 'roberta-large'}")
-    rng = np.random.default_rng(0)
-    cap = 128 if args.tiny else 512
-    n_train = args.batch_size * (args.steps + 1)
-    anecdote_lengths = np.clip(rng.lognormal(np.log(380), 0.45, size=n_train + args.items).astype(int), 16, 512)
-    anecdote_lengths = np.minimum(anecdote_lengths // (4 if args.tiny else 1) + 4, cap)
-    n_dilemmas = round(args.items * 0.936)
-    action_lengths = np.clip(rng.lognormal(np.log(14), 0.4, size=2 * n_dilemmas).astype(int), 4, 96)
-    anecdotes = items(rng, anecdote_lengths, 1, shape["vocab_size"])
-    dilemmas = items(rng, action_lengths, 2, shape["vocab_size"])
+    train, anecdotes, dilemmas = synthetic_data(shape, args.tiny, args.steps, args.batch_size, args.items)
     peak = peak_flops(device)
 
     # training: the anecdotes head, float32 weights (bfloat16 autocast on CUDA), AdamW, micro-batches under budget
-    model = random_encoder(shape, HEAD_SEQUENCE, device, torch.float32)
+    model, trainer, batches = warm_trainer(shape, device, train, args.batch_size, args.token_budget, args.steps)
     n = non_embedding_params(model.net)
-    train = Split(anecdotes[:n_train], rng.integers(0, 20, size=(n_train, 2)) + 1)
-    settings = {
-        "loss": "xentropy-soft",
-        "learning_rate": 1e-5,
-        "weight_decay": 0.01,
-        "warmup_proportion": 0.1,
-        "token_budget": args.token_budget,
-    }
-    trainer = Trainer(model, settings, Path(tempfile.gettempdir()), "benchmark")  # step() writes no checkpoint
-    trainer.schedule(args.steps + 1)
-    model.net.train()
-    batches = epoch_batches(train.lengths, args.batch_size, seed=0, epoch=0)  # length-sorted pools, as in training
-    trainer.step(train, batches[0])  # warm-up (kernels, allocator)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens = 0
     with Timer(device) as t:
-        for batch in batches[1:]:
+        for batch in batches:
             tokens += trainer.step(train, batch)[1]
     padded = 0
-    for batch in batches[1:]:
+    for batch in batches:
         lengths = [train.lengths[i] for i in batch]
         padded += sum(lengths[g[0]] * len(g) for g in pack(lengths, [1] * len(batch), args.token_budget))
     mfu = f"MFU {6 * n * tokens / t.seconds / peak:.1%}" if peak else "MFU n/a (no GPU peak)"
@@ -131,7 +158,7 @@ def main() -> None:
 
     # inference: bfloat16 weights on CUDA (extract.dtype auto), length-sorted batches under the budget
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for label, head, data in (("anecdotes", HEAD_SEQUENCE, anecdotes[n_train:]), ("dilemmas", HEAD_CHOICE, dilemmas)):
+    for label, head, data in (("anecdotes", HEAD_SEQUENCE, anecdotes), ("dilemmas", HEAD_CHOICE, dilemmas)):
         model = random_encoder(shape, head, device, dtype)
         model.predict(data[:16], args.infer_budget)  # warm-up
         if device.type == "cuda":

@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 import torch
-from common import LLAMA_31_8B, TINY, Timer, forward_flops, peak_flops, random_llama
+from common import LLAMA_31_8B, TINY, Timer, anecdote_lengths, forward_flops, peak_flops, random_llama
 
 from moralign.extraction import AnswerTokens, Scorer
 
@@ -30,9 +30,7 @@ def main() -> None:
     shape = TINY if args.tiny else LLAMA_31_8B
     model = random_llama(shape, device, dtype)
     rng = np.random.default_rng(0)
-    lengths = np.clip(rng.lognormal(np.log(420), 0.45, size=args.items).astype(int), 64, 2048)
-    if args.tiny:
-        lengths = np.clip(lengths // 4, 16, 512)
+    lengths = anecdote_lengths(args.items, rng, scale=4 if args.tiny else 1)
     prompts = [rng.integers(10, shape["vocab_size"], size=n).tolist() for n in lengths]
     answers = AnswerTokens(("Yes", "No"), ((9, 10), (11,)), (("Yes", " Yes"), (" No",)))
     scorer = Scorer(model, pad_id=0, token_budget=args.token_budget, max_batch_size=args.max_batch_size)

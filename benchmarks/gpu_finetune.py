@@ -62,39 +62,67 @@ def synthetic_rows(recipe: str, kind: str, n: int, vocab: int, max_length: int, 
     return training.vote_rows(prompts, np.hstack([first, 1 - first]), [[9, 11]] * n)
 
 
-def run(variant: str, recipe: str, kind: str, args, device: torch.device) -> None:
-    shape = TINY if args.tiny else LLAMA_31_8B
-    quantized = variant == "qlora"
+def finetune_settings(
+    recipe: str, quantized: bool, steps: int, tiny: bool, batch_size: int | None = None, **extra
+) -> dict:
+    """params.yaml's ``finetune`` settings of ``recipe`` for a run of ``steps`` optimiser steps (warm-up included)
+    whose one dev evaluation comes after the last; ``extra`` adds or replaces settings. Tiny shapes take 4 items per
+    step (or ``batch_size``) in micro-batches of 1,024 tokens."""
     cfg = load_config([ROOT / "params.yaml"])
     settings = {
         **cfg.finetune(recipe, seed=0),
         "quantization": "4bit" if quantized else "none",
-        "max_steps": args.warmup + args.steps,
+        "max_steps": steps,
         "eval_steps": 10**6,  # one dev evaluation, after the last (timed) step
+        **extra,
     }
-    if args.tiny:
-        settings.update(batch_size=args.batch_size or 4, token_budget=1024)
-    elif args.batch_size:
-        settings["batch_size"] = args.batch_size
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if tiny:
+        settings.update(batch_size=batch_size or 4, token_budget=1024)
+    elif batch_size:
+        settings["batch_size"] = batch_size
+    return settings
+
+
+def planned_model(shape: dict, settings: dict, device: torch.device, dtype: torch.dtype) -> tuple:
+    """A random Llama of ``shape`` (NF4 where ``settings`` quantize to 4 bits) and ``memory_plan``'s plan for it."""
     model = random_llama(shape, device, dtype)
-    if quantized:
+    if settings["quantization"] == "4bit":
         model = quantize_nf4(model, device)
-    plan = plan_for(model, settings, device)
+    return model, plan_for(model, settings, device)
+
+
+def train_timed(
+    model, plan: dict, settings: dict, recipe: str, kind: str, scale: int, warmup: int, device: torch.device, *callbacks
+) -> tuple["StepClock", bool]:
+    """LoRA on ``model`` at the plan's checkpointing and micro-batch (written into ``settings``), then what
+    ``finetune`` runs: ``build_trainer`` and ``trainer.train()``, here on synthetic rows of ``kind`` (lengths divided
+    by ``scale``), timed after ``warmup`` steps; ``callbacks`` are added after the clock.
+
+    Returns the clock and whether the trainer recomputed activations (gradient checkpointing as run).
+    """
+    n_rows = settings["batch_size"] * settings["max_steps"]
+    rows = synthetic_rows(recipe, kind, n_rows, model.config.vocab_size, settings["max_length"], scale)
     settings.update(gradient_checkpointing=plan["gradient_checkpointing"], token_budget=plan["token_budget"])
-    model = training.wrap_lora(model, settings, quantized)
-    n_rows = settings["batch_size"] * (args.warmup + args.steps)
-    scale = 4 if args.tiny else 1
-    rows = synthetic_rows(recipe, kind, n_rows, shape["vocab_size"], settings["max_length"], scale)
+    model = training.wrap_lora(model, settings, settings["quantization"] == "4bit")
     dev = ([r["input_ids"] for r in rows[:8]], np.full((8, 2), 0.5))
-    clock = StepClock(device, args.warmup)
+    clock = StepClock(device, warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(
-            recipe, model, stub_tokenizer(), rows, dev, ANSWERS, settings, Path(tmp), device
-        )
-        trainer.add_callback(clock)
+        trainer = build_trainer(recipe, model, stub_tokenizer(), rows, dev, ANSWERS, settings, Path(tmp), device)
+        for callback in (clock, *callbacks):
+            trainer.add_callback(callback)
         clock.trainer = trainer
         trainer.train()
+        recomputed = bool(trainer.args.activation_checkpointing)  # the trainer recomputes on CUDA only
+    clock.trainer = None  # the trainer holds the clock among its callbacks: break the cycle
+    return clock, recomputed
+
+
+def run(variant: str, recipe: str, kind: str, args, device: torch.device) -> None:
+    shape = TINY if args.tiny else LLAMA_31_8B
+    settings = finetune_settings(recipe, variant == "qlora", args.warmup + args.steps, args.tiny, args.batch_size)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model, plan = planned_model(shape, settings, device, dtype)
+    clock, _ = train_timed(model, plan, settings, recipe, kind, 4 if args.tiny else 1, args.warmup, device)
     seconds = clock.seconds
     prompt = clock.tokens["prompt"]
     computed = clock.tokens["computed"]
@@ -112,7 +140,6 @@ def run(variant: str, recipe: str, kind: str, args, device: torch.device) -> Non
         f"checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}, micro-batch {plan['token_budget']} tokens",
         flush=True,
     )
-    clock.trainer = None  # the trainer holds the clock among its callbacks: break the cycle
 
 
 class StepClock(TrainerCallback):

@@ -62,17 +62,17 @@ from common import (
     padding_efficiency,
     peak_flops,
     random_llama,
-    stub_tokenizer,
 )
-from gpu_encoder import ROBERTA_LARGE, items, non_embedding_params, random_encoder
+from gpu_encoder import LENGTHS as ENCODER_LENGTHS
+from gpu_encoder import ROBERTA_LARGE, non_embedding_params, random_encoder, synthetic_data, warm_trainer
 from gpu_encoder import TINY as ENCODER_TINY
 from gpu_finetune import (
     ANSWERS,
     SHARED_HEADER,
-    StepClock,
+    finetune_settings,
     non_embedding_params_from_shape,
-    quantize_nf4,
-    synthetic_rows,
+    planned_model,
+    train_timed,
 )
 from grid_cost import RESULTS, ROOT, reading_settings
 from transformers import TrainerCallback
@@ -311,43 +311,20 @@ def finetune(suite: Suite, budget: Budget) -> dict[str, Any]:
 
 def finetune_run(suite: Suite, variant: str, checkpointing: str, budget: Budget) -> dict[str, Any]:
     """One variant through build_trainer and trainer.train(), timed from the end of the warm-up steps."""
-    from moralign import training
-    from moralign.config import load_config
-    from moralign.trainer import build_trainer, plan_for
-
     args, device = suite.args, suite.device
     shape = TINY if suite.tiny else LLAMA_31_8B
-    quantized = variant == "qlora"
-    cfg = load_config([ROOT / "params.yaml"])
-    settings = {
-        **cfg.finetune("soft", seed=0),
-        "quantization": "4bit" if quantized else "none",
-        "max_steps": args.warmup + args.steps,
-        "eval_steps": 10**6,  # one dev evaluation, after the last (timed) step
-        "gradient_checkpointing": "auto" if checkpointing == "off" else True,
-    }
-    if suite.tiny:
-        settings.update(batch_size=4, token_budget=1024)
-    model = random_llama(shape, device, suite.dtype)
-    if quantized:
-        model = quantize_nf4(model, device)
-    plan = plan_for(model, settings, device)
+    settings = finetune_settings(
+        "soft",
+        variant == "qlora",
+        args.warmup + args.steps,
+        suite.tiny,
+        gradient_checkpointing="auto" if checkpointing == "off" else True,
+    )
+    model, plan = planned_model(shape, settings, device, suite.dtype)
     if checkpointing == "off" and plan["gradient_checkpointing"]:
         return {"skipped": f"no micro-batch fits without gradient checkpointing ({plan['reason']})"}
-    settings.update(gradient_checkpointing=plan["gradient_checkpointing"], token_budget=plan["token_budget"])
-    model = training.wrap_lora(model, settings, quantized)
-    n_rows = settings["batch_size"] * (args.warmup + args.steps)
-    rows = synthetic_rows("soft", "anecdotes", n_rows, shape["vocab_size"], settings["max_length"], suite.scale)
-    dev = ([r["input_ids"] for r in rows[:8]], np.full((8, 2), 0.5))
-    clock, stop = StepClock(device, args.warmup), BudgetStop(budget)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer("soft", model, stub_tokenizer(), rows, dev, ANSWERS, settings, Path(tmp), device)
-        trainer.add_callback(clock)
-        trainer.add_callback(stop)
-        clock.trainer = trainer
-        trainer.train()
-        recomputed = bool(trainer.args.activation_checkpointing)  # the trainer recomputes on CUDA only
-    clock.trainer = None  # the trainer holds the clock among its callbacks: break the cycle
+    stop = BudgetStop(budget)
+    clock, recomputed = train_timed(model, plan, settings, "soft", "anecdotes", suite.scale, args.warmup, device, stop)
     steps = stop.last_step - args.warmup
     if steps <= 0:
         return {"skipped": "time budget: spent before the warm-up steps ended"}
@@ -380,39 +357,17 @@ def finetune_run(suite: Suite, variant: str, checkpointing: str, budget: Budget)
 def encoder(suite: Suite, budget: Budget) -> dict[str, Any]:
     """roberta-large shape: training steps of the anecdotes head, then prediction of anecdotes and dilemmas."""
     from moralign.encoder_heads import HEAD_CHOICE, HEAD_SEQUENCE
-    from moralign.encoder_training import Split, Trainer, epoch_batches
 
     shape = ENCODER_TINY if suite.tiny else ROBERTA_LARGE
     steps, batch_size = (2, 8) if suite.tiny else (10, 32)
     n_items = 32 if suite.tiny else 2500
     token_budget, infer_budget = 16384, 32768
-    rng = np.random.default_rng(0)
-    n_train = batch_size * (steps + 1)
-    cap = 128 if suite.tiny else 512
-    lengths = np.clip(rng.lognormal(np.log(380), 0.45, size=n_train + n_items).astype(int), 16, 512)
-    lengths = np.minimum(lengths // suite.scale + 4, cap)
-    n_dilemmas = round(n_items * 0.936)
-    action_lengths = np.clip(rng.lognormal(np.log(14), 0.4, size=2 * n_dilemmas).astype(int), 4, 96)
-    anecdotes = items(rng, lengths, 1, shape["vocab_size"])
-    dilemmas = items(rng, action_lengths, 2, shape["vocab_size"])
-    model = random_encoder(shape, HEAD_SEQUENCE, suite.device, torch.float32)
+    train, anecdotes, dilemmas = synthetic_data(shape, suite.tiny, steps, batch_size, n_items)
+    model, trainer, batches = warm_trainer(shape, suite.device, train, batch_size, token_budget, steps)
     n = non_embedding_params(model.net)
-    train = Split(anecdotes[:n_train], rng.integers(0, 20, size=(n_train, 2)) + 1)
-    settings = {
-        "loss": "xentropy-soft",
-        "learning_rate": 1e-5,
-        "weight_decay": 0.01,
-        "warmup_proportion": 0.1,
-        "token_budget": token_budget,
-    }
-    trainer = Trainer(model, settings, Path(tempfile.gettempdir()), "benchmark")  # step() writes no checkpoint
-    trainer.schedule(steps + 1)
-    model.net.train()
-    batches = epoch_batches(train.lengths, batch_size, seed=0, epoch=0)
-    trainer.step(train, batches[0])  # warm-up
     suite.reset_memory()
     tokens, done, seconds = 0, 0, 0.0
-    for batch in batches[1:]:
+    for batch in batches:
         if not budget.allows(0):
             break
         with Timer(suite.device) as t:
@@ -433,7 +388,7 @@ def encoder(suite: Suite, budget: Budget) -> dict[str, Any]:
     suite.reset_memory()
     dtype = torch.bfloat16 if suite.device.type == "cuda" else torch.float32
     for label, head, data in (
-        ("predict anecdotes", HEAD_SEQUENCE, anecdotes[n_train:]),
+        ("predict anecdotes", HEAD_SEQUENCE, anecdotes),
         ("predict dilemmas", HEAD_CHOICE, dilemmas),
     ):
         if not budget.allows(0):
@@ -462,7 +417,7 @@ def encoder(suite: Suite, budget: Budget) -> dict[str, Any]:
         "token_budget": token_budget,
         "infer_budget": infer_budget,
         "items": n_items,
-        "lengths": "anecdotes lognormal median 380 capped 512; dilemma actions median 14 capped 96",
+        "lengths": ENCODER_LENGTHS,
     }
     return {"settings": settings, "figures": figures}
 
