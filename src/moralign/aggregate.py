@@ -57,19 +57,20 @@ def _check_same_items(cells: Sequence[SeedItems], what: str) -> None:
             raise ValueError(f"{what}: seeds {cells[0].seed} and {cell.seed} were not scored on the same items")
 
 
-def _seed_draws(n_seeds: int, resamples: int, seed: int) -> np.ndarray:
-    return np.random.default_rng([seed, SEED_STREAM]).integers(0, n_seeds, size=(resamples, n_seeds))
+def pooled_replicates(reps_per_seed: np.ndarray, seed: int) -> np.ndarray:
+    """Two-level bootstrap replicates of a mean over seeds (``reps_per_seed``: seeds x resamples).
+
+    Each replicate draws the seeds with replacement, then averages their item replicates of the same resample.
+    """
+    n_seeds, resamples = reps_per_seed.shape
+    draws = np.random.default_rng([seed, SEED_STREAM]).integers(0, n_seeds, size=(resamples, n_seeds))
+    return reps_per_seed[draws, np.arange(resamples)[:, None]].mean(axis=1)
 
 
 def _combine(value_per_seed: np.ndarray, reps_per_seed: np.ndarray | None, seed: int) -> dict[str, float]:
     """Mean over seeds, and the two-level interval from per-seed item replicates (seeds x resamples)."""
     value = float(np.mean(value_per_seed))
-    if reps_per_seed is None:
-        return metrics.entry(value, None)
-    n_seeds, resamples = reps_per_seed.shape
-    draws = _seed_draws(n_seeds, resamples, seed)
-    reps = reps_per_seed[draws, np.arange(resamples)[:, None]].mean(axis=1)
-    return metrics.entry(value, reps)
+    return metrics.entry(value, None if reps_per_seed is None else pooled_replicates(reps_per_seed, seed))
 
 
 def _mean_replicates(values: np.ndarray, idx: np.ndarray | None) -> tuple[float, np.ndarray | None]:

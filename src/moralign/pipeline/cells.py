@@ -115,7 +115,7 @@ def backend_cells(backend: backends.Backend) -> Callable[[Config], list[Instance
 
 def read_cells(backend: backends.Backend) -> Callable[[Config], list[Instance]]:
     """The untrained cells of one backend's models whose readings are drawn, with the cache each reads through."""
-    cache = {"cache": API_CACHE} if "cache" in backend.extract_inputs else {"cache": GENERATION_CACHE}
+    cache = {"cache": API_CACHE if "cache" in backend.extract_inputs else GENERATION_CACHE}
 
     def cells(cfg: Config) -> list[Instance]:
         models = [m for m in cfg.read_models() if cfg.backend(m) == backend.name]

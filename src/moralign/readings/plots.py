@@ -118,6 +118,3 @@ def items_figure(prep: Prepared, dataset: str) -> Any:
     fig.suptitle(f"{dataset}: per item, model against human (valid items)", fontsize=10)
     fig.tight_layout()
     return fig
-
-
-# ------------------------------------------------------------------------------------------ the report

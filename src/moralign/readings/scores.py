@@ -222,15 +222,10 @@ def _stats(per_item: dict[str, np.ndarray], idx: np.ndarray | None) -> dict[str,
 
 
 def _pool(stats: Sequence[_Stat], seed: int) -> _Stat:
-    """Mean over seeds; replicates draw seeds with replacement, then average their item replicates (aggregate's)."""
+    """Mean over seeds, with the main table's two-level replicates (:func:`moralign.aggregate.pooled_replicates`)."""
     value = float(np.mean([s.value for s in stats]))
-    n_items = min(s.n_items for s in stats)
-    if stats[0].reps is None:
-        return _Stat(value, None, n_items)
-    per_seed = np.stack([s.reps for s in stats])
-    n_seeds, resamples = per_seed.shape
-    draws = np.random.default_rng([seed, aggregate.SEED_STREAM]).integers(0, n_seeds, size=(resamples, n_seeds))
-    return _Stat(value, per_seed[draws, np.arange(resamples)[:, None]].mean(axis=1), n_items)
+    reps = None if stats[0].reps is None else aggregate.pooled_replicates(np.stack([s.reps for s in stats]), seed)
+    return _Stat(value, reps, min(s.n_items for s in stats))
 
 
 def _summaries(

@@ -288,9 +288,10 @@ def format_frame(drawn: ItemDraws, answers: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
-def format_following_rate(frame: pd.DataFrame) -> float:
-    """Share of all unconstrained draws that follow the format."""
-    return float(frame["n_follow"].sum() / frame["n_draws"].sum())
+def format_following_rate(frame: pd.DataFrame) -> float | None:
+    """Share of all unconstrained draws that follow the format (None without draws)."""
+    draws = int(frame["n_draws"].sum())
+    return int(frame["n_follow"].sum()) / draws if draws else None
 
 
 def _vocab_size(sampler: Sampler) -> int:

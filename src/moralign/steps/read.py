@@ -20,10 +20,11 @@ from moralign.config import Config
 from moralign.data import evaluated_items
 from moralign.io import atomic_path, environment, write_json
 from moralign.readings.parse import VERSIONS
+from moralign.readings.verbal import format_following_rate
 
 log = logging.getLogger(__name__)
 
-# The files of a readings folder: one frame per reading (and the unconstrained draws), then summary.json.
+# The unconstrained draws of the verbal prompt: a frame of its own beside the readings' (format.parquet)
 FORMAT = "format"
 
 
@@ -98,8 +99,8 @@ def _api_readers(
 def summarise_frame(reading: str, frame: pd.DataFrame) -> dict[str, Any]:
     """What a reading's frame says in a few numbers (logged and kept in summary.json)."""
     if reading == FORMAT:
-        follow, draws = int(frame["n_follow"].sum()), int(frame["n_draws"].sum())
-        return {"items": len(frame), "draws": draws, "format_following_rate": follow / draws if draws else None}
+        rate = format_following_rate(frame)
+        return {"items": len(frame), "draws": int(frame["n_draws"].sum()), "format_following_rate": rate}
     out = {
         "items": len(frame),
         "valid_rate": float(frame["valid"].mean()),
