@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from grid_cost import LENGTHS
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moralign.extraction import Scorer, make_batches, pad_batch
@@ -35,8 +36,9 @@ TINY = dict(
     tie_word_embeddings=False,
 )
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, SXM parts
-# Scruples anecdotes rendered in a Llama 3.1 chat template, in tokens: lognormal (median, sigma), clipped
-ANECDOTE_LENGTHS = {"median": 420, "sigma": 0.45, "min": 64, "max": 2048}
+# Scruples anecdotes rendered in a Llama 3.1 chat template, in tokens: lognormal (grid_cost's stated median and
+# sigma), clipped
+ANECDOTE_LENGTHS = dict(zip(("median", "sigma"), LENGTHS["anecdotes"], strict=True)) | {"min": 64, "max": 2048}
 
 
 def anecdote_lengths(n: int, seed: int | np.random.Generator = 0, scale: int = 1) -> np.ndarray:

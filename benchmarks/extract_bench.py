@@ -24,7 +24,7 @@ First, on the Scruples anecdotes length distribution (random tokens, no shared p
 engines' padding efficiency (real tokens / tokens the forward passes compute) and their throughput against the
 bare forward pass over the same inputs (the same padded batches, or the same packed rows with their document mask;
 the target is at least 0.9x): on --anecdotes prompts here, and the padding efficiency at the GPU settings of
-benchmarks/gpu_suite.py (2,500 prompts, token budget 65,536, packed rows as long as the budget, as FlexAttention
+benchmarks/gpu_extract.py (2,500 prompts, token budget 65,536; packed rows as long as the budget, as FlexAttention
 runs them). A small setting, under a minute and a half on one core (docs/performance.md shows its output):
 
     python benchmarks/extract_bench.py --items 40 --anecdotes 48 --repeats 3 --threads 1

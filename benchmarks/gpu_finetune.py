@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import LLAMA_31_8B, TINY, peak_flops, random_llama, stub_tokenizer
+from grid_cost import LENGTHS, SHARED_HEADER
 from transformers import TrainerCallback
 
 from moralign import training
@@ -42,9 +43,7 @@ from moralign.extraction import AnswerTokens
 from moralign.trainer import build_trainer, plan_for
 
 ROOT = Path(__file__).resolve().parents[1]
-# Prompt lengths in tokens with the chat template: anecdotes as in gpu_extract.py, dilemmas two short actions
-LENGTHS = {"anecdotes": (420, 0.45), "dilemmas": (105, 0.15)}
-SHARED_HEADER = 50  # tokens every prompt of a run starts with (chat markup, date lines, system text)
+MIN_ROW = 64  # tokens of the shortest training row drawn (before ``scale``)
 ANSWERS = AnswerTokens(("Yes", "No"), ((9,), (11,)), (("Yes",), ("No",)))
 
 
@@ -52,7 +51,7 @@ def synthetic_rows(recipe: str, kind: str, n: int, vocab: int, max_length: int, 
     """``n`` training rows of ``recipe`` with the length distribution of ``kind`` (divided by ``scale``)."""
     rng = np.random.default_rng(seed)
     median, sigma = LENGTHS[kind]
-    lengths = np.clip(rng.lognormal(np.log(median), sigma, size=n).astype(int), 64, max_length) // scale
+    lengths = np.clip(rng.lognormal(np.log(median), sigma, size=n).astype(int), MIN_ROW, max_length) // scale
     header = rng.integers(20, vocab, size=SHARED_HEADER // scale).tolist()
     prompts = [header + rng.integers(20, vocab, size=int(k) - len(header)).tolist() for k in lengths]
     shares = rng.dirichlet([1.0, 1.0], size=n)
@@ -60,6 +59,12 @@ def synthetic_rows(recipe: str, kind: str, n: int, vocab: int, max_length: int, 
         return training.soft_rows(prompts, shares)
     first = np.round(shares[:, :1] * 8) / 8  # the shares of 8 sampled answers
     return training.vote_rows(prompts, np.hstack([first, 1 - first]), [[9, 11]] * n)
+
+
+def row_lengths(kind: str, max_length: int, scale: int) -> dict:
+    """The length distribution :func:`synthetic_rows` draws ``kind``'s rows from, as a run's settings record it."""
+    median, sigma = LENGTHS[kind]
+    return {"median": median, "sigma": sigma, "min": MIN_ROW, "max": max_length, "scale": scale}
 
 
 def finetune_settings(

@@ -68,13 +68,13 @@ from gpu_encoder import ROBERTA_LARGE, non_embedding_params, random_encoder, syn
 from gpu_encoder import TINY as ENCODER_TINY
 from gpu_finetune import (
     ANSWERS,
-    SHARED_HEADER,
     finetune_settings,
     non_embedding_params_from_shape,
     planned_model,
+    row_lengths,
     train_timed,
 )
-from grid_cost import RESULTS, ROOT, reading_settings
+from grid_cost import RESULTS, ROOT, SHARED_HEADER
 from transformers import TrainerCallback
 
 from moralign.io import atomic_path
@@ -300,7 +300,7 @@ def finetune(suite: Suite, budget: Budget) -> dict[str, Any]:
         "shape": "tiny" if suite.tiny else "Llama-3.1-8B",
         "recipe": "soft",
         "rows": "anecdotes",
-        "lengths": {**ANECDOTE_LENGTHS, "scale": suite.scale},
+        "lengths": row_lengths("anecdotes", finetune_settings("soft", False, 1, suite.tiny)["max_length"], suite.scale),
         "shared_header": SHARED_HEADER // suite.scale,
         "warmup_steps": args.warmup,
         "steps": args.steps,
@@ -425,19 +425,19 @@ def encoder(suite: Suite, budget: Budget) -> dict[str, Any]:
 def generation(suite: Suite, budget: Budget) -> dict[str, Any]:
     """Batched seeded sampling (the ``sample`` reading's Sampler) at the 8B shape: generated tokens/s.
 
-    N, max_new_tokens and the Sampler's batch limits are params.yaml's `readings` settings (the library's defaults
-    where it has none; --gen-token-budget and --gen-max-rows override the limits).
+    N, max_new_tokens and the Sampler's batch limits are params.yaml's `readings` settings (--gen-token-budget and
+    --gen-max-rows override the limits).
     """
     from moralign.config import load_config
     from moralign.readings.sample import Decoding, Sampler, uniforms
 
     args = suite.args
-    readings = reading_settings(load_config([ROOT / "params.yaml"]))
+    readings = load_config([ROOT / "params.yaml"])["readings"]
     n_draws = readings["sample"]["n_draws"]
     decoding = Decoding(max_new_tokens=readings["sample"]["max_new_tokens"])
     limits = {
-        "token_budget": args.gen_token_budget or readings.get("token_budget"),
-        "max_rows": args.gen_max_rows or readings.get("max_rows"),
+        "token_budget": args.gen_token_budget or readings["token_budget"],
+        "max_rows": args.gen_max_rows or readings["max_rows"],
     }
     shape = TINY if suite.tiny else LLAMA_31_8B
     model = random_llama(shape, suite.device, suite.dtype)

@@ -15,8 +15,8 @@ engine). Everything else is stated below:
 
 * Split sizes: Scruples v1.0 anecdotes 27,766 / 2,500 / 2,500 (train / dev / test); dilemmas about 10,000 in
   all with 2,340 in dev and in test, so 5,320 in train.
-* Prompt lengths with the chat template (tokens): anecdotes lognormal, median 420, sigma 0.45, as
-  benchmarks/common.py draws them (a Reddit post in a Llama 3.1 template; clipped to 2,048 for extraction
+* Prompt lengths with the chat template (tokens): anecdotes lognormal, median 420, sigma 0.45, the distribution
+  benchmarks/common.py's ANECDOTE_LENGTHS states (a Reddit post in a Llama 3.1 template; clipped to 2,048 for extraction
   and shortened to finetune.max_length for training); dilemmas median 105, sigma 0.15 (two actions of a dozen
   words each in the same template). Every prompt opens with the same 50-token chat header (Llama 3.1's system
   turn with its date lines and the system text), which the trainer computes once per micro-batch.
@@ -39,9 +39,9 @@ engine). Everything else is stated below:
   readings.max_items), the prompt pass extraction costs, plus `sample`'s N completions of at most max_new_tokens
   and a stop token and `verbal`'s K JSON objects of at most max_json_tokens, each completion taken at its longest,
   at the batched-sampling rate. N, K, max_new_tokens, the models read and the readings drawn are the
-  configuration's `readings` section and `experiment.readings` where it has them, else the library's defaults
-  (N = 30 x 32 tokens, K = 5; both readings, as a projection of what they would cost); the format-following draws
-  (a few hundred items per model) are left out. Projected rate: 10,000 generated tokens/s, the low end of
+  configuration's `readings` section and `experiment.readings`; the prompt pass is one per item whatever
+  extract.debias says (a reading draws from the prompt as written); the format-following draws (a few hundred
+  items per model) are left out. Projected rate: 10,000 generated tokens/s, the low end of
   docs/readings.md's 10,000-20,000 for an 8B model decoding a few hundred rows at once in this eager loop.
 """
 
@@ -56,7 +56,7 @@ import numpy as np
 
 from moralign.config import load_config
 from moralign.extraction import make_batches
-from moralign.readings import sample, verbal
+from moralign.readings import verbal
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -212,39 +212,24 @@ def extract_hours(dataset: str, extract: dict, rates: dict[str, Rate], sizes: di
     return passes * items * (mean - SHARED_HEADER) / rates["extract"].value / 3600
 
 
-def reading_settings(cfg) -> dict[str, Any]:
-    """The readings drawn, their N, K and max_new_tokens, the item cap and the models read: the configuration's where
-    it has a `readings` section, else the library's defaults (both readings, every chat model: a projection)."""
-    section = cfg.data.get("readings")
-    if section is None:
-        return {
-            "readings": ["sample", "verbal"],
-            "configured": False,
-            "sample": {"n_draws": sample.DEFAULT_DRAWS, "max_new_tokens": sample.DEFAULT_DECODING.max_new_tokens},
-            "verbal": {"n_draws": verbal.DEFAULT_DRAWS},
-            "max_items": None,
-            "models": None,
-        }
-    return {"readings": list(cfg.data["experiment"].get("readings", [])), "configured": True, **section}
-
-
-def reading_tokens(settings: dict[str, Any], answers: list[str]) -> dict[str, int]:
-    """Generated tokens per item at most: ``sample`` N x (max_new_tokens + stop), ``verbal`` K x max_json_tokens."""
+def reading_tokens(cfg, dataset: str) -> dict[str, int]:
+    """Generated tokens per item at most, for each reading drawn: ``sample`` N x (max_new_tokens + stop),
+    ``verbal`` K x max_json_tokens."""
+    settings = cfg["readings"]
     most = {
         "sample": settings["sample"]["n_draws"] * (settings["sample"]["max_new_tokens"] + 1),
-        "verbal": settings["verbal"]["n_draws"] * verbal.max_json_tokens(answers),
+        "verbal": settings["verbal"]["n_draws"] * verbal.max_json_tokens(cfg["prompts"][dataset]["answers"]),
     }
-    return {r: most[r] for r in settings["readings"]}
+    return {r: most[r] for r in cfg.readings}
 
 
-def reading_hours(dataset: str, cfg, settings: dict[str, Any], rates: dict[str, Rate]) -> dict[str, float]:
-    """GPU-hours of each reading of one cell: a prompt pass over its items and their generated tokens."""
-    extract = cfg.data["extract"]
-    items = SPLITS[dataset][cfg.data["experiment"]["eval_split"]]
-    items = min(items, settings["max_items"] or items)
-    prompt = extract_hours(dataset, {**extract, "splits": ["read"]}, rates, {"read": items})
-    per_item = reading_tokens(settings, cfg.data["prompts"][dataset]["answers"])
-    return {r: prompt + items * n / rates["generate"].value / 3600 for r, n in per_item.items()}
+def reading_hours(dataset: str, cfg, tokens: dict[str, int], rates: dict[str, Rate]) -> dict[str, float]:
+    """GPU-hours of each reading of one cell: a prompt pass over its items and their ``tokens`` generated."""
+    items = SPLITS[dataset][cfg["experiment"]["eval_split"]]
+    items = min(items, cfg["readings"]["max_items"] or items)
+    # one pass per prompt as written: extract.debias does not apply to the readings
+    prompt = extract_hours(dataset, {"splits": ["read"], "debias": "none"}, rates, {"read": items})
+    return {r: prompt + items * n / rates["generate"].value / 3600 for r, n in tokens.items()}
 
 
 def table(cfg, rates: dict[str, Rate]) -> str:
@@ -254,12 +239,8 @@ def table(cfg, rates: dict[str, Rate]) -> str:
     local = [m for m in cfg.models if cfg.backend(m) == "hf"]
     recipes = cfg.recipes
     extract = cfg.data["extract"]
-    readings = reading_settings(cfg)
-    read = [m for m in local if readings["models"] is None or m in readings["models"]]
-    if not readings["configured"]:
-        basis = "projection; not drawn by this configuration"
-    else:
-        basis = "measured rate" if rates["generate"].measured else "projected rate"
+    read = [m for m in cfg.read_models() if m in local]
+    basis = "measured rate" if rates["generate"].measured else "projected rate"
     out = [
         "| cell | per cell: old loop | per cell: this loop | cells | grid: old loop | grid: this loop |",
         "|---|---:|---:|---:|---:|---:|",
@@ -290,8 +271,8 @@ def table(cfg, rates: dict[str, Rate]) -> str:
             f"{n * hours:.2f} | {n * hours:.2f} |"
         )
         n = cells(cfg, read)  # every condition of a model read, as extraction
-        tokens = reading_tokens(readings, cfg.data["prompts"][dataset]["answers"])
-        for reading, h in reading_hours(dataset, cfg, readings, rates).items():
+        tokens = reading_tokens(cfg, dataset)
+        for reading, h in reading_hours(dataset, cfg, tokens, rates).items():
             totals["readings"] += n * h
             read_rows.append(
                 f"| read {dataset}, {reading} (≤ {tokens[reading]} tokens per item; {basis}) | | {h:.3f} | {n} | "
@@ -307,9 +288,7 @@ def table(cfg, rates: dict[str, Rate]) -> str:
 def cells(cfg, models: list[str]) -> int:
     """Scored cells per dataset of ``models``: their base conditions (base, and base-4bit beside QLoRA recipes)
     and one cell per recipe and training seed."""
-    recipes = cfg.recipes
-    n = sum(len(cfg.conditions_of(m)) - len(recipes) for m in models)
-    return n + len(models) * sum(len(cfg.finetune(r)["seeds"]) for r in recipes)
+    return sum(len(cfg.seeds_of(m, c)) for m in models for c in cfg.conditions_of(m))
 
 
 def main() -> None:

@@ -145,3 +145,26 @@ def test_workflow_profile_leaves_the_cluster_profiles_keys_alone():
     assert default == {"scheduler": "greedy"}
     for profile in ("slurm", "local-gpu"):
         assert not set(default) & set(yaml.safe_load((ROOT / f"profiles/{profile}/config.yaml").read_text()))
+
+
+def test_readings_cost_one_prompt_pass_whatever_extract_debias_says(monkeypatch):
+    """extract.debias: swap doubles extraction's prompt passes, never a reading's (it draws from the prompt as is)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import grid_cost
+    import yaml
+
+    from moralign.config import validate
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    plain = validate(copy.deepcopy(raw))
+    raw["extract"]["debias"] = "swap"
+    swapped = validate(raw)
+    rates = grid_cost.PROJECTED
+    assert grid_cost.extract_hours("dilemmas", swapped["extract"], rates) == pytest.approx(
+        2 * grid_cost.extract_hours("dilemmas", plain["extract"], rates)
+    )
+    tokens = grid_cost.reading_tokens(plain, "dilemmas")
+    assert set(tokens) == {"sample", "verbal"}
+    assert grid_cost.reading_hours("dilemmas", swapped, tokens, rates) == grid_cost.reading_hours(
+        "dilemmas", plain, tokens, rates
+    )
