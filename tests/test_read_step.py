@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from moralign.config import validate
-from moralign.data import ARCHIVES
+from moralign.data import ARCHIVES, counts_matrix
 from moralign.io import read_json
 from moralign.predictors import CellInputs
 from moralign.readings import sample as sample_mod
@@ -129,4 +130,10 @@ def test_the_five_way_task_is_read_and_reported(base, processed, tmp_path):
     cells = [ReadingCell("tiny-llama", "base", None, r, got[r]) for r in ("sample", "verbal")]
     long = score_readings(items, cells, ReportSettings(n_draws=4, resamples=20))
     verbal_tv = long[(long["reading"] == "verbal") & (long["metric"] == "tv")]["value"].item()
-    assert 0 <= verbal_tv <= 1
+    # directly: half the L1 distance to each item's five-way vote shares, over the valid items
+    counts = counts_matrix(items).astype(float)
+    verbal = got["verbal"].assign(id=got["verbal"]["id"].astype(str)).set_index("id").loc[items["id"].astype(str)]
+    assert verbal["valid"].any()
+    rows = zip(verbal["p"], counts, verbal["valid"], strict=True)
+    tv = [0.5 * np.abs(np.asarray(p) - c / c.sum()).sum() for p, c, ok in rows if ok]
+    assert verbal_tv == pytest.approx(np.mean(tv))
